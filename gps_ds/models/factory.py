@@ -1,0 +1,58 @@
+"""Build the backbone a config names: a timm model (optionally with local weights)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class ModelError(ValueError):
+    pass
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool | str = False,
+    checkpoint: str | None = None,
+    drop_path_rate: float = 0.0,
+    img_size: int | None = None,
+    kwargs: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """timm model `name` with a fresh `num_classes` head; `checkpoint` is a local weights file
+    (.safetensors or .pth, loaded with weights_only) whose head and position embedding timm adapts.
+    `device="meta"` builds shapes only (for counting)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ModelError(f"unknown model.name '{name}' (not a timm model)")
+    extra = dict(kwargs or {})
+    if img_size is not None:
+        extra["img_size"] = img_size
+    if drop_path_rate:
+        extra["drop_path_rate"] = drop_path_rate
+    use_weights = bool(pretrained) or checkpoint is not None
+    if checkpoint is not None:
+        extra["pretrained_cfg_overlay"] = dict(file=checkpoint)
+    if isinstance(pretrained, str):
+        name = f"{name}.{pretrained}"
+    ctx = torch.device(device) if device is not None else contextlib.nullcontext()
+    try:
+        with ctx:
+            return timm.create_model(name, pretrained=use_weights and device != "meta", num_classes=num_classes, **extra)
+    except (RuntimeError, OSError, ValueError) as err:
+        what = f"model.checkpoint {checkpoint}" if checkpoint else f"weights for '{name}'"
+        raise ModelError(f"cannot load {what}: {str(err).splitlines()[0]}") from None
+
+
+def create_model_from_config(cfg, device: str | torch.device | None = None) -> nn.Module:
+    """`cfg` is the `model` section of a `gps_ds.config.Config`."""
+    return create_model(
+        cfg.name, cfg.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
+        drop_path_rate=cfg.drop_path_rate, img_size=cfg.img_size, kwargs=cfg.kwargs, device=device,
+    )

@@ -1,0 +1,112 @@
+"""From a config to a mask file: build the model, score the training data, select, save."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from gps_ds.count import check_k
+from gps_ds.rules import ParamRoles, classify
+from gps_ds.selection.losses import make_score_loss
+from gps_ds.selection.maskfile import param_fingerprint, save_mask, save_scores, selection_stats
+from gps_ds.selection.schemes import SCHEMES, select
+from gps_ds.selection.scoring import ScoreResult, accumulate_scores
+
+
+@dataclass
+class SelectionResult:
+    selection: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor] | None
+    samples: int
+    seconds: float
+
+
+def candidate_fingerprint(model: nn.Module, roles: ParamRoles) -> str:
+    params = dict(model.named_parameters())
+    return param_fingerprint({n: tuple(params[n].shape) for n in roles.candidates})
+
+
+def needs_data(scheme: str) -> bool:
+    return SCHEMES[scheme] == "scores"
+
+
+def run_selection(
+    model: nn.Module,
+    roles: ParamRoles,
+    batches: Iterable | None,
+    *,
+    scheme: str,
+    k: int,
+    loss: str = "supcon",
+    temperature: float = 0.07,
+    seed: int = 0,
+    max_batches: int | None = None,
+    progress=None,
+) -> SelectionResult:
+    """Score (when the scheme needs gradients) and select; single process."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown gps.scheme '{scheme}' (expected one of: {', '.join(SCHEMES)})")
+    params = dict(model.named_parameters())
+    for n in roles.candidates:
+        check_k(n, tuple(params[n].shape), k)
+    if not roles.candidates:
+        raise ValueError("the model has no candidate weights for GPS (check gps.rules)")
+    start = time.perf_counter()
+    scores, samples = None, 0
+    if needs_data(scheme):
+        if batches is None:
+            raise ValueError(f"gps.scheme '{scheme}' needs training data (data.train)")
+        result: ScoreResult = accumulate_scores(
+            model, batches, make_score_loss(loss, temperature), roles.candidates, max_batches, progress
+        )
+        scores, samples = result.scores, result.samples
+    weights = {n: params[n].detach() for n in roles.candidates}
+    selection = select(scheme, scores, weights, k, seed)
+    return SelectionResult(selection, scores, samples, time.perf_counter() - start)
+
+
+def write_selection(path: str, result: SelectionResult, model: nn.Module, roles: ParamRoles, *,
+                    k: int, scheme: str, loss: str, model_name: str) -> dict:
+    save_mask(path, result.selection, k=k, scheme=scheme, loss=loss, model=model_name,
+              samples=result.samples, fingerprint=candidate_fingerprint(model, roles))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    stats = selection_stats(result.selection, shapes)
+    return {"out": path, "selected": stats["total"], "tensors": len(result.selection), "k": k,
+            "scheme": scheme, "loss": loss, "samples": result.samples, "seconds": round(result.seconds, 3)}
+
+
+def select_from_config(cfg, out: str, scores_out: str | None = None, show_progress: bool = True) -> dict:
+    """`gps-ds select`: the whole job for one process."""
+    from gps_ds.data.loaders import make_score_loader
+    from gps_ds.models import create_model_from_config
+
+    if scores_out is not None and not needs_data(cfg.gps.scheme):
+        raise ValueError(f"--save-scores: gps.scheme '{cfg.gps.scheme}' computes no gradient scores")
+    torch.manual_seed(cfg.gps.seed)
+    model = create_model_from_config(cfg.model)
+    roles = classify(model, cfg.model.family, cfg.gps.rules)
+    batches = None
+    if needs_data(cfg.gps.scheme):
+        batches = make_score_loader(cfg, two_views=cfg.gps.loss == "supcon")
+    progress = None
+    if show_progress and batches is not None:
+        from tqdm import tqdm
+
+        total = cfg.gps.max_batches or (len(batches) if hasattr(batches, "__len__") else None)
+        progress = tqdm(total=total, desc="scoring", unit="batch", leave=False)
+    try:
+        result = run_selection(model, roles, batches, scheme=cfg.gps.scheme, k=cfg.gps.k, loss=cfg.gps.loss,
+                               temperature=cfg.gps.temperature, seed=cfg.gps.seed,
+                               max_batches=cfg.gps.max_batches, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    summary = write_selection(out, result, model, roles, k=cfg.gps.k, scheme=cfg.gps.scheme,
+                              loss=cfg.gps.loss, model_name=cfg.model.name)
+    if scores_out is not None:
+        save_scores(scores_out, result.scores)
+    return summary
