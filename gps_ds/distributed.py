@@ -1,0 +1,65 @@
+"""Process-group set-up for one process or many (deepspeed launcher, torchrun, Slurm)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# A rank that dies makes the others fail in a collective after this long instead of hanging.
+DEFAULT_TIMEOUT_S = int(os.environ.get("GPS_DS_COLLECTIVE_TIMEOUT", "600"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); return (rank, world).
+
+    A plain `gps-ds train` gets a world of one on a free local port.
+    """
+    import deepspeed
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Exact sums across ranks (float64), e.g. (correct, count, loss_sum)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
