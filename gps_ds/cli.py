@@ -54,6 +54,66 @@ def cmd_select(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from gps_ds.engine import train
+
+    cfg = _load(args)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, show_progress=not args.quiet)
+    from gps_ds import distributed as D
+
+    if D.rank() == 0:
+        print(json.dumps(summary) if args.json else _train_summary_text(summary))
+    return 0
+
+
+def _train_summary_text(s: dict) -> str:
+    t = s["trainable"]
+    return (f"{s['method']}: best top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), last {s['last_top1']:.2f}%, "
+            f"{t['total']:,} trained parameters, {s['seconds']:.1f} s\n"
+            f"output: {s['output']}  (MLflow: mlflow ui --backend-store-uri {s['tracking_uri']})")
+
+
+def cmd_eval(args) -> int:
+    from gps_ds.evaluation import evaluate_delta
+
+    cfg = _load(args)
+    result = evaluate_delta(cfg, args.delta, split=args.split)
+    print(json.dumps(result) if args.json else
+          f"{args.delta}: top-1 {result['top1']:.2f}% on {result['count']} {args.split} samples, loss {result['loss']:.4f}")
+    return 0
+
+
+def cmd_delta_inspect(args) -> int:
+    from gps_ds.delta import describe, load_delta
+
+    info = describe(load_delta(args.delta))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    meta = info["meta"]
+    backbone = int(meta.get("backbone_params", 0) or 0)
+    pct = f" ({100.0 * info['total'] / backbone:.3f}% of the backbone's {backbone:,})" if backbone else ""
+    print(f"{args.delta}: model {meta.get('model', '?')}, method {meta.get('method', '?')}, K={meta.get('k', '?')}")
+    print(f"  trained: {info['total']:,}{pct} = {info['selected']:,} selected in {info['tensors_selected']} tensors"
+          f" + {info['whole']:,} in {info['tensors_whole']} whole tensors")
+    for block, n in info["per_block"].items():
+        print(f"  {block:32s} {n:>10,}")
+    return 0
+
+
+def cmd_delta_merge(args) -> int:
+    from gps_ds.delta import load_delta, merge_state_dict
+    from gps_ds.weights import load_state_dict, save_state_dict
+
+    delta = load_delta(args.delta)
+    head = json.loads(delta.meta.get("head", "[]"))
+    merged = merge_state_dict(load_state_dict(args.base), delta, head=head)
+    save_state_dict(merged, args.out)
+    print(f"wrote {args.out}: {len(merged)} tensors, {delta.num_selected():,} selected entries and "
+          f"{len(delta.whole)} whole tensors from {args.delta}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gps-ds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +132,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("train", help="select (for gps) and train; writes delta files and MLflow runs")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in output.dir")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a delta file on the config's test data")
+    _add_config_args(p)
+    p.add_argument("--delta", required=True)
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("delta", help="inspect or merge delta files")
+    dsub = p.add_subparsers(dest="delta_command", required=True)
+    q = dsub.add_parser("inspect", help="counts, share of the backbone, per-block distribution")
+    q.add_argument("delta")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_delta_inspect)
+    q = dsub.add_parser("merge", help="write a dense checkpoint: base weights with the delta applied")
+    q.add_argument("--delta", required=True)
+    q.add_argument("--base", required=True, help="base checkpoint (.safetensors, or .pth read with weights_only)")
+    q.add_argument("--out", required=True, help="dense checkpoint to write (.safetensors)")
+    q.set_defaults(func=cmd_delta_merge)
     return parser
 
 
@@ -96,6 +183,24 @@ def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.Argume
 
 def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(run(argv))
+
+
+def launcher_main(command: str, argv: Sequence[str] | None = None) -> None:
+    """Entry of `launchers/*.py` under `deepspeed`/`torchrun`: drops the launcher's --local_rank
+    argument (LOCAL_RANK is in the environment too) and runs `gps-ds <command> ...`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        if a in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        kept.append(a)
+    sys.exit(run([command, *kept]))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: str = "vit_base_patch16_224"
-    num_classes: int = Field(10, ge=0)
+    num_classes: int | None = Field(None, ge=0, description="else data.num_classes or the shards' _info.json")
     pretrained: bool | str = False
     checkpoint: str | None = None
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)

@@ -51,8 +51,16 @@ def create_model(
 
 
 def create_model_from_config(cfg, device: str | torch.device | None = None) -> nn.Module:
-    """`cfg` is the `model` section of a `gps_ds.config.Config`."""
+    """The model of a full `gps_ds.config.Config`; the class count comes from `model.num_classes`,
+    else from the data section (`data.num_classes` or the training shards' _info.json)."""
+    m = cfg.model
+    num_classes = m.num_classes
+    if num_classes is None:
+        from gps_ds.data.loaders import resolve_num_classes
+
+        num_classes = resolve_num_classes(cfg.data)
+        m.num_classes = num_classes
     return create_model(
-        cfg.name, cfg.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
-        drop_path_rate=cfg.drop_path_rate, img_size=cfg.img_size, kwargs=cfg.kwargs, device=device,
+        m.name, num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint,
+        drop_path_rate=m.drop_path_rate, img_size=m.img_size, kwargs=m.kwargs, device=device,
     )

@@ -87,11 +87,12 @@ def select_from_config(cfg, out: str, scores_out: str | None = None, show_progre
     if scores_out is not None and not needs_data(cfg.gps.scheme):
         raise ValueError(f"--save-scores: gps.scheme '{cfg.gps.scheme}' computes no gradient scores")
     torch.manual_seed(cfg.gps.seed)
-    model = create_model_from_config(cfg.model)
+    model = create_model_from_config(cfg)
     roles = classify(model, cfg.model.family, cfg.gps.rules)
     batches = None
     if needs_data(cfg.gps.scheme):
-        batches = make_score_loader(cfg, two_views=cfg.gps.loss == "supcon")
+        batch = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 32))
+        batches = make_score_loader(cfg.data, 0, 1, batch_size_per_rank=batch, two_view=cfg.gps.loss == "supcon")
     progress = None
     if show_progress and batches is not None:
         from tqdm import tqdm

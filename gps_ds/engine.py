@@ -1,0 +1,270 @@
+"""The trainer: selection phase, then training on a DeepSpeed engine, evaluation every epoch,
+delta files at every best epoch and at the end, MLflow on rank 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from gps_ds import distributed as D
+from gps_ds.config import Config, config_to_dict
+from gps_ds.delta import extract_delta, save_delta
+from gps_ds.evaluation import TrainingError, evaluate
+from gps_ds.methods import Prepared, prepare_model, trainable_count
+from gps_ds.optim import build_optimizer, build_scheduler
+from gps_ds.rules import ParamRoles, classify
+from gps_ds.tracking import Tracker, progress
+
+RUN_MARKER = "run.json"
+
+
+class OutputDirError(ValueError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into a folder that already holds a run, unless told to resume or overwrite."""
+    marker = out / RUN_MARKER
+    if marker.exists() and not (resume or overwrite):
+        raise OutputDirError(f"output folder {out} already holds a run; pass --resume to continue it "
+                             f"or --overwrite to replace it")
+    if resume and not marker.exists():
+        raise OutputDirError(f"--resume: output folder {out} holds no run to resume")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
+    """The user's DeepSpeed section with the few keys the trainer needs filled in."""
+    ds = json.loads(json.dumps(cfg.deepspeed))
+    ds.setdefault("train_micro_batch_size_per_gpu", 32)
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.setdefault("wall_clock_breakdown", False)
+    ds.pop("train_batch_size", None) if "train_micro_batch_size_per_gpu" in cfg.deepspeed else None
+    return ds
+
+
+def model_dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True):
+        self.cfg = cfg
+        self.resume = resume or cfg.output.resume
+        self.overwrite = overwrite or cfg.output.overwrite
+        self.out = Path(cfg.output.dir)
+        self.show_progress = show_progress
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _build(self):
+        cfg = self.cfg
+        from gps_ds.models import create_model_from_config
+
+        seed_everything(cfg.train.seed)
+        self.model = create_model_from_config(cfg)
+        self.roles: ParamRoles = classify(self.model, cfg.model.family, cfg.gps.rules)
+        head = set(self.roles.head)
+        self.backbone_params = sum(p.numel() for n, p in self.model.named_parameters() if n not in head)
+
+    def _selection(self) -> dict[str, torch.Tensor] | None:
+        cfg = self.cfg
+        if cfg.train.method != "gps":
+            return None
+        from gps_ds.selection.maskfile import check_fits, load_mask
+
+        mask_path = self.out / "mask.safetensors"
+        source = cfg.gps.mask or (mask_path if self.resume and mask_path.exists() else None)
+        if source is not None:
+            selection, meta = load_mask(source)
+            check_fits(selection, self.model)
+            if int(meta.get("k", cfg.gps.k)) != cfg.gps.k and cfg.gps.mask is None:
+                raise ValueError(f"--resume: the run's mask has K={meta['k']}, the config asks for gps.k={cfg.gps.k}")
+            if source != mask_path and self.rank == 0:
+                shutil.copyfile(source, mask_path)
+            return {n: t.long() for n, t in selection.items()}
+        from gps_ds.data.loaders import make_score_loader
+        from gps_ds.selection.pipeline import run_selection, write_selection
+
+        batches = make_score_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
+                                    two_view=cfg.gps.loss == "supcon")
+        bar = progress(total=cfg.gps.max_batches or len(batches), rank=self.rank, enabled=self.show_progress,
+                       desc="scoring", unit="batch")
+        result = run_selection(self.model, self.roles, batches, scheme=cfg.gps.scheme, k=cfg.gps.k,
+                               loss=cfg.gps.loss, temperature=cfg.gps.temperature, seed=cfg.gps.seed,
+                               max_batches=cfg.gps.max_batches, progress=bar)
+        bar.close()
+        self.selection_seconds = result.seconds
+        if self.rank == 0:
+            write_selection(str(mask_path), result, self.model, self.roles, k=cfg.gps.k, scheme=cfg.gps.scheme,
+                            loss=cfg.gps.loss, model_name=cfg.model.name)
+        return result.selection
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        import deepspeed
+
+        cfg = self.cfg
+        self.rank, self.world = D.init_distributed()
+        if self.rank == 0:
+            prepare_output_dir(self.out, resume=self.resume, overwrite=self.overwrite)
+        D.barrier()
+        self.selection_seconds = 0.0
+        ds_config = deepspeed_config(cfg, self.world)
+        self.micro_batch = int(ds_config["train_micro_batch_size_per_gpu"])
+        start = time.perf_counter()
+        self._build()
+        selection = self._selection()
+        prepared = prepare_model(self.model, self.roles, cfg.train.method, selection, cfg.gps.mode)
+        self.prepared = prepared
+        optimizer = build_optimizer(self.model, cfg.train)
+        if prepared.masked is not None:
+            _check_masked_supported(ds_config)
+            prepared.masked.attach(optimizer)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, model_parameters=trainable,
+                                               config=ds_config)
+        self.engine = engine
+        from gps_ds.data.loaders import make_eval_loader, make_train_loader
+
+        from gps_ds.data.transforms import build_train_criterion
+
+        train_loader = make_train_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch)
+        eval_loader = make_eval_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch)
+        steps_per_epoch = max(1, len(train_loader) // engine.gradient_accumulation_steps())
+        scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch)
+        criterion = build_train_criterion(cfg.data)
+        ema = _build_ema(engine.module, cfg.train.ema_decay)
+
+        tracker = Tracker(enabled=cfg.tracking.enabled, rank=self.rank, output_dir=self.out, uri=cfg.tracking.uri,
+                          experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name or self.out.name)
+        counts = trainable_count(engine.module, prepared)
+        self._write_run_marker(tracker, counts)
+        tracker.log_params(config_to_dict(cfg))
+        tracker.log_metrics({f"trainable_{k}": v for k, v in counts.items()}, step=0)
+
+        dtype = model_dtype(engine)
+        device = engine.device
+        best, history, step = None, [], 0
+        try:
+            for epoch in range(cfg.train.epochs):
+                engine.train()
+                bar = progress(train_loader, rank=self.rank, enabled=self.show_progress, desc=f"epoch {epoch}",
+                               unit="batch")
+                for images, labels in bar:
+                    images, labels = images.to(device, dtype), labels.to(device)
+                    loss = criterion(engine(images).float(), labels)
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise TrainingError(f"loss is {value} at step {step} (epoch {epoch}); "
+                                            f"the last good delta is kept in {self.out}")
+                    engine.backward(loss)
+                    engine.step()
+                    if engine.is_gradient_accumulation_boundary():
+                        step += 1
+                        scheduler.step_update(num_updates=step)
+                        if ema is not None:
+                            ema.update(engine.module, step=step)
+                        tracker.log_metrics({"train_loss": value, "lr": optimizer.param_groups[0]["lr"]}, step)
+                if (epoch + 1) % cfg.train.eval_every and epoch + 1 != cfg.train.epochs:
+                    continue
+                metrics = self._evaluate_epoch(eval_loader, ema, device, dtype)
+                history.append({"epoch": epoch, **metrics})
+                tracker.log_metrics(metrics, step)
+                top1 = max(metrics["top1"], metrics.get("ema_top1", -1.0))
+                if best is None or top1 > best["top1"]:
+                    best = {"epoch": epoch, "top1": top1}
+                    self._save_delta("delta_best.safetensors", engine.module if metrics["top1"] >= top1 else ema.module)
+                self._save_delta("delta_last.safetensors", engine.module)
+                if self.rank == 0:
+                    with open(self.out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(history[-1]) + "\n")
+        except BaseException:
+            tracker.end("FAILED")
+            raise
+        summary = {
+            "method": cfg.train.method, "best_top1": best["top1"] if best else None,
+            "best_epoch": best["epoch"] if best else None, "last_top1": history[-1]["top1"] if history else None,
+            "trainable": counts, "seconds": round(time.perf_counter() - start, 2),
+            "selection_seconds": round(self.selection_seconds, 2), "output": str(self.out),
+            "tracking_uri": tracker.uri, "run_id": tracker.run_id,
+        }
+        tracker.log_metrics({"best_top1": summary["best_top1"] or 0.0}, step)
+        self._log_artifacts(tracker)
+        tracker.end("FINISHED")
+        if self.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _evaluate_epoch(self, loader, ema, device, dtype) -> dict[str, float]:
+        res = evaluate(self.engine.module, loader, device, dtype)
+        metrics = {"top1": res.top1, "eval_loss": res.loss}
+        if ema is not None:
+            ema_res = evaluate(ema.module, loader, device, dtype)
+            metrics.update(ema_top1=ema_res.top1, ema_eval_loss=ema_res.loss)
+        return metrics
+
+    def _save_delta(self, name: str, module: nn.Module) -> None:
+        if self.rank != 0:
+            return
+        p = self.prepared
+        from gps_ds.selection.pipeline import candidate_fingerprint
+
+        meta = {"model": self.cfg.model.name, "method": p.method, "k": self.cfg.gps.k if p.method == "gps" else 0,
+                "mode": p.mode or "", "num_classes": self.cfg.model.num_classes,
+                "fingerprint": candidate_fingerprint(self.model, self.roles),
+                "head": json.dumps(self.roles.head), "backbone_params": self.backbone_params}
+        delta = extract_delta(module, p.whole, p.selection if p.mode == "masked" else None, meta)
+        save_delta(self.out / name, delta)
+
+    def _write_run_marker(self, tracker: Tracker, counts: dict) -> None:
+        if self.rank != 0:
+            return
+        (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        marker = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "trainable": counts,
+                  "world_size": self.world}
+        (self.out / RUN_MARKER).write_text(json.dumps(marker, indent=2))
+
+    def _log_artifacts(self, tracker: Tracker) -> None:
+        names = ["config.json", "mask.safetensors", "delta_best.safetensors", "delta_last.safetensors", "metrics.jsonl"]
+        tracker.log_artifacts([self.out / n for n in names])
+
+
+def _check_masked_supported(ds_config: dict) -> None:
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    half = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
+    if stage != 0 or half:
+        raise ValueError("gps.mode='masked' currently runs with ZeRO stage 0 in fp32; use gps.mode='sparse' "
+                         "(the default) for ZeRO stages 1-3 and bf16/fp16")
+
+
+def _build_ema(module: nn.Module, decay: float | None):
+    if decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(module, decay=decay)
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> dict:
+    return Trainer(cfg, resume=resume, overwrite=overwrite, show_progress=show_progress).run()
