@@ -114,6 +114,13 @@ def cmd_delta_merge(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from gps_ds.demo import run_demo
+
+    run_demo(args.out, pretrain_epochs=args.pretrain_epochs, epochs=args.epochs)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gps-ds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base", required=True, help="base checkpoint (.safetensors, or .pth read with weights_only)")
     q.add_argument("--out", required=True, help="dense checkpoint to write (.safetensors)")
     q.set_defaults(func=cmd_delta_merge)
+
+    p = sub.add_parser("demo", help="offline demo: pre-train on MNIST, fine-tune on 8x8 digits with 4 methods")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--pretrain-epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=15)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

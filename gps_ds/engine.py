@@ -242,7 +242,7 @@ class Trainer:
             return
         (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
         marker = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "trainable": counts,
-                  "world_size": self.world}
+                  "backbone_params": self.backbone_params, "world_size": self.world}
         (self.out / RUN_MARKER).write_text(json.dumps(marker, indent=2))
 
     def _log_artifacts(self, tracker: Tracker) -> None:
