@@ -167,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="dense checkpoint to write (.safetensors)")
     q.set_defaults(func=cmd_delta_merge)
 
+    from gps_ds.data.cli import add_bench_data_arguments, add_shards_subcommands
+
+    p = sub.add_parser("shards", help="write webdataset shards (ImageNet, VTAB-1k, FGVC, Kvasir-SEG, MNIST, digits)")
+    add_shards_subcommands(p.add_subparsers(dest="kind", required=True))
+
+    p = sub.add_parser("bench", help="benchmarks (results go to docs/BENCHMARKS.md)")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    add_bench_data_arguments(bsub.add_parser("data", help="data-loader throughput next to the decode-only limit"))
+
     p = sub.add_parser("demo", help="offline demo: pre-train on MNIST, fine-tune on 8x8 digits with 4 methods")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--pretrain-epochs", type=int, default=8)
