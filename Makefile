@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gps-ds-installed
 
 export HF_HUB_OFFLINE ?= 1
+# One ninja for every build of DeepSpeed's CPU op (a different one on PATH forces a rebuild).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE = 1
 
 .PHONY: install test test-fast demo clean

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from typing import Callable, Sequence
 
 EXIT_USER_ERROR = 2
+# Commands that import DeepSpeed run with stdout sent to stderr (DeepSpeed prints banners and
+# logs there); their result is written with emit() to the real stdout, so --json stays one object.
+_RESULT_STREAM = sys.stdout
+
+
+def emit(text: str) -> None:
+    print(text, file=_RESULT_STREAM, flush=True)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -42,14 +50,19 @@ def cmd_count(args) -> int:
 
 
 def cmd_select(args) -> int:
-    from gps_ds.selection.pipeline import select_from_config
+    from gps_ds.selection.pipeline import select_from_config, select_from_config_zero
 
     cfg = _load(args)
-    summary = select_from_config(cfg, out=args.out, scores_out=args.save_scores, show_progress=not args.quiet)
-    if args.json:
-        print(json.dumps(summary))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under a launcher: per-shard scoring on every rank
+        summary = select_from_config_zero(cfg, args.out, args.save_scores, show_progress=not args.quiet)
+        if summary is None:  # not rank 0
+            return 0
     else:
-        print(f"wrote {args.out}: {summary['selected']:,} weights selected in {summary['tensors']} tensors "
+        summary = select_from_config(cfg, out=args.out, scores_out=args.save_scores, show_progress=not args.quiet)
+    if args.json:
+        emit(json.dumps(summary))
+    else:
+        emit(f"wrote {args.out}: {summary['selected']:,} weights selected in {summary['tensors']} tensors "
               f"(K={summary['k']}, scheme {summary['scheme']}, loss {summary['loss']}, {summary['samples']} samples)")
     return 0
 
@@ -62,7 +75,7 @@ def cmd_train(args) -> int:
     from gps_ds import distributed as D
 
     if D.rank() == 0:
-        print(json.dumps(summary) if args.json else _train_summary_text(summary))
+        emit(json.dumps(summary) if args.json else _train_summary_text(summary))
     return 0
 
 
@@ -78,7 +91,7 @@ def cmd_eval(args) -> int:
 
     cfg = _load(args)
     result = evaluate_delta(cfg, args.delta, split=args.split)
-    print(json.dumps(result) if args.json else
+    emit(json.dumps(result) if args.json else
           f"{args.delta}: top-1 {result['top1']:.2f}% on {result['count']} {args.split} samples, loss {result['loss']:.4f}")
     return 0
 
@@ -138,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-scores", help="also write the fp32 scores (.safetensors)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_select)
+    p.set_defaults(func=cmd_select, noisy=True)
 
     p = sub.add_parser("train", help="select (for gps) and train; writes delta files and MLflow runs")
     _add_config_args(p)
@@ -146,14 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run in output.dir")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, noisy=True)
 
     p = sub.add_parser("eval", help="evaluate a delta file on the config's test data")
     _add_config_args(p)
     p.add_argument("--delta", required=True)
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, noisy=True)
 
     p = sub.add_parser("delta", help="inspect or merge delta files")
     dsub = p.add_subparsers(dest="delta_command", required=True)
@@ -190,8 +203,16 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.ArgumentParser] = build_parser) -> int:
+    global _RESULT_STREAM
     args = parser_factory().parse_args(argv)
+    _RESULT_STREAM = sys.stdout
     try:
+        if getattr(args, "noisy", False):
+            with contextlib.redirect_stdout(sys.stderr):
+                from gps_ds.distributed import quiet_deepspeed_stdout
+
+                quiet_deepspeed_stdout()
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except user_error_types() as err:
         if os.environ.get("GPS_DS_DEBUG"):
@@ -210,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 def launcher_main(command: str, argv: Sequence[str] | None = None) -> None:
     """Entry of `launchers/*.py` under `deepspeed`/`torchrun`: drops the launcher's --local_rank
     argument (LOCAL_RANK is in the environment too) and runs `gps-ds <command> ...`."""
+    # `python launchers/select.py` puts launchers/ first on sys.path, where select.py shadows the
+    # standard library's `select` module that subprocess needs: drop that folder before any import.
+    here = os.path.dirname(os.path.abspath(sys.argv[0]))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != here]
     args = list(sys.argv[1:] if argv is None else argv)
     kept, skip = [], False
     for a in args:

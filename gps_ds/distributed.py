@@ -19,6 +19,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def quiet_deepspeed_stdout() -> None:
+    """DeepSpeed logs to stdout; move its handlers to stderr so `--json` output stays one object."""
+    import logging
+    import sys
+
+    from deepspeed.utils import logger
+
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr:
+            handler.stream = sys.stderr  # not setStream(): that flushes a stream that may be closed
+
+
 def init_distributed(timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); return (rank, world).
 

@@ -102,7 +102,8 @@ class Trainer:
                 raise ValueError(f"--resume: the run's mask has K={meta['k']}, the config asks for gps.k={cfg.gps.k}")
             if source != mask_path and self.rank == 0:
                 shutil.copyfile(source, mask_path)
-            return {n: t.long() for n, t in selection.items()}
+            order = [n for n, _ in self.model.named_parameters() if n in selection]
+            return {n: selection[n].long() for n in order}
         from gps_ds.data.loaders import make_score_loader
         from gps_ds.selection.pipeline import run_selection, write_selection
 
@@ -161,7 +162,13 @@ class Trainer:
         counts = trainable_count(engine.module, prepared)
         self._write_run_marker(tracker, counts)
         tracker.log_params(config_to_dict(cfg))
-        tracker.log_metrics({f"trainable_{k}": v for k, v in counts.items()}, step=0)
+        share = {f"trainable_{k}_percent": 100.0 * v / self.backbone_params for k, v in counts.items()}
+        tracker.log_metrics({**{f"trainable_{k}": v for k, v in counts.items()}, **share}, step=0)
+        if selection is not None and self.rank == 0:
+            from gps_ds.plots import plot_selection_distribution
+
+            plot_selection_distribution(selection, self.out / "selection.png",
+                                        f"{cfg.model.name}, K={cfg.gps.k}: selected weights per block")
 
         dtype = model_dtype(engine)
         device = engine.device
@@ -246,7 +253,7 @@ class Trainer:
         (self.out / RUN_MARKER).write_text(json.dumps(marker, indent=2))
 
     def _log_artifacts(self, tracker: Tracker) -> None:
-        names = ["config.json", "mask.safetensors", "delta_best.safetensors", "delta_last.safetensors", "metrics.jsonl"]
+        names = ["config.json", "mask.safetensors", "selection.png", "delta_best.safetensors", "delta_last.safetensors", "metrics.jsonl"]
         tracker.log_artifacts([self.out / n for n in names])
 
 

@@ -36,7 +36,9 @@ class Tracker:
                  experiment: str = "gps-ds", run_name: str | None = None, run_id: str | None = None) -> None:
         self.active = enabled and rank == 0
         self.run_id: str | None = None
-        self.uri = uri or default_uri(output_dir)
+        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(output_dir)
+        if experiment == "gps-ds":  # the config's default: let the environment name the experiment
+            experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment)
         if not self.active:
             return
         logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -37,6 +37,8 @@ def create_model(
     if drop_path_rate:
         extra["drop_path_rate"] = drop_path_rate
     use_weights = bool(pretrained) or checkpoint is not None
+    if pretrained and checkpoint is None and device != "meta":
+        _check_hub_reachable(name if not isinstance(pretrained, str) else f"{name}.{pretrained}")
     if checkpoint is not None:
         extra["pretrained_cfg_overlay"] = dict(file=checkpoint)
     if isinstance(pretrained, str):
@@ -50,9 +52,46 @@ def create_model(
         raise ModelError(f"cannot load {what}: {str(err).splitlines()[0]}") from None
 
 
+def _hub_cached(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(hub_id, f), str)
+               for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_reachable(full_name: str) -> None:
+    """Fail in seconds, not after the hub client's ~50 s of retries, when weights cannot come."""
+    import os
+
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(full_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if hub_id and _hub_cached(hub_id):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        raise ModelError(f"model.pretrained: no cached weights for '{full_name}' and the Hugging Face hub "
+                         f"cannot be reached; set model.checkpoint to a local .safetensors/.pth file")
+
+
 def create_model_from_config(cfg, device: str | torch.device | None = None) -> nn.Module:
     """The model of a full `gps_ds.config.Config`; the class count comes from `model.num_classes`,
-    else from the data section (`data.num_classes` or the training shards' _info.json)."""
+    else from the data section (`data.num_classes` or the training shards' _info.json).
+
+    Weights not loaded from a checkpoint (the new head, or everything when training from
+    scratch) are drawn right after seeding with `train.seed`, so evaluation and delta merging
+    can rebuild exactly the base a run started from."""
     m = cfg.model
     num_classes = m.num_classes
     if num_classes is None:
@@ -60,6 +99,7 @@ def create_model_from_config(cfg, device: str | torch.device | None = None) -> n
 
         num_classes = resolve_num_classes(cfg.data)
         m.num_classes = num_classes
+    torch.manual_seed(cfg.train.seed)
     return create_model(
         m.name, num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint,
         drop_path_rate=m.drop_path_rate, img_size=m.img_size, kwargs=m.kwargs, device=device,

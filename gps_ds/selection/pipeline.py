@@ -111,3 +111,86 @@ def select_from_config(cfg, out: str, scores_out: str | None = None, show_progre
     if scores_out is not None:
         save_scores(scores_out, result.scores)
     return summary
+
+
+# --------------------------------------------------------------------------- under DeepSpeed ZeRO
+
+
+def run_selection_zero(
+    model: nn.Module,
+    roles: ParamRoles,
+    batches: Iterable | None,
+    *,
+    scheme: str,
+    k: int,
+    loss: str = "supcon",
+    temperature: float = 0.07,
+    seed: int = 0,
+    max_batches: int | None = None,
+    progress=None,
+    ds_config: dict | None = None,
+    gather_scores: bool = False,
+):
+    """`run_selection` for every rank of a DeepSpeed job (ZeRO 0-3, any world size); collective.
+
+    ``batches`` yields this rank's share of each global batch (e.g. ``make_score_loader(cfg.data,
+    rank, world, ...)``); ``ds_config`` is the training DeepSpeed config (its ZeRO stage is used
+    for scoring; no optimizer state is allocated).  Returns a
+    :class:`~gps_ds.selection.zero_scoring.ZeroScoreResult` (same fields as
+    :class:`SelectionResult`) holding the same selection on every rank; ``scores`` only with
+    ``gather_scores`` and only on rank 0.  Under ZeRO-3 the model's parameters are left
+    partitioned afterwards (a ZeRO-3 training engine accepts them as they are).
+    """
+    from gps_ds.selection.zero_scoring import score_and_select_zero
+
+    if not roles.candidates:
+        raise ValueError("the model has no candidate weights for GPS (check gps.rules)")
+    loss_fn = make_score_loss(loss, temperature) if needs_data(scheme) else None
+    if needs_data(scheme) and batches is None:
+        raise ValueError(f"gps.scheme '{scheme}' needs training data (data.train)")
+    return score_and_select_zero(model, batches if needs_data(scheme) else None, loss_fn, roles.candidates, k,
+                                 scheme=scheme, ds_config=ds_config, seed=seed, max_batches=max_batches,
+                                 progress=progress, gather_scores=gather_scores)
+
+
+def select_from_config_zero(cfg, out: str, scores_out: str | None = None, show_progress: bool = True) -> dict | None:
+    """`deepspeed launchers/select.py`: the selection job on every rank; rank 0 writes the files.
+
+    Returns the summary on rank 0 and None on the other ranks.
+    """
+    from gps_ds.data.loaders import make_score_loader
+    from gps_ds.distributed import init_distributed
+    from gps_ds.models import create_model_from_config
+    from gps_ds.selection.zero_scoring import write_selection_rank0
+
+    if scores_out is not None and not needs_data(cfg.gps.scheme):
+        raise ValueError(f"--save-scores: gps.scheme '{cfg.gps.scheme}' computes no gradient scores")
+    rank, world = init_distributed()
+    torch.manual_seed(cfg.gps.seed)
+    model = create_model_from_config(cfg)
+    roles = classify(model, cfg.model.family, cfg.gps.rules)
+    candidates = list(roles.candidates)
+    batches = None
+    micro = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 32))
+    if needs_data(cfg.gps.scheme):
+        batches = make_score_loader(cfg.data, rank, world, batch_size_per_rank=micro,
+                                    two_view=cfg.gps.loss == "supcon")
+    progress = None
+    if show_progress and rank == 0 and batches is not None:
+        from tqdm import tqdm
+
+        total = cfg.gps.max_batches or (len(batches) if hasattr(batches, "__len__") else None)
+        progress = tqdm(total=total, desc="scoring", unit="batch", leave=False)
+    try:
+        result = run_selection_zero(model, roles, batches, scheme=cfg.gps.scheme, k=cfg.gps.k, loss=cfg.gps.loss,
+                                    temperature=cfg.gps.temperature, seed=cfg.gps.seed,
+                                    max_batches=cfg.gps.max_batches, progress=progress,
+                                    ds_config=dict(cfg.deepspeed), gather_scores=scores_out is not None)
+    finally:
+        if progress is not None:
+            progress.close()
+    summary = write_selection_rank0(out, result, model, candidates, k=cfg.gps.k, scheme=cfg.gps.scheme,
+                                    loss=cfg.gps.loss, model_name=cfg.model.name)
+    if scores_out is not None and rank == 0:
+        save_scores(scores_out, result.scores)
+    return summary

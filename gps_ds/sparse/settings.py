@@ -1,0 +1,150 @@
+"""Kernel-path settings and the shape rules that pick a path when set to "auto".
+
+The rules were measured on CPU (torch 2.14, 2 shared cores); see docs/sparse-kernels.md
+for the numbers. CUDA rules are estimates from bandwidth/FLOP ratios (not measured yet).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import torch
+
+LINEAR_GRAD_PATHS = ("gather", "sddmm", "dense")
+CONV_GRAD_PATHS = ("gather", "unfold", "dense")
+WEIGHT_PATHS = ("merge", "add")
+
+
+@dataclass
+class KernelSettings:
+    """Process-wide kernel choices; "auto" lets the shape rules below decide.
+
+    forward / input_grad: "merge" writes the K entries per row into the base weight for the
+    duration of one matmul (a cast copy when autocast changes the dtype); "add" multiplies
+    by the frozen base and adds the K-sparse term (Linear only).
+    linear_grad: "gather" | "sddmm" | "dense" for the selected-entry gradient of Linear.
+    conv_grad: "gather" | "unfold" | "dense" for Conv2d.
+    chunk_bytes: memory bound of one gathered temporary (None: per-device default).
+    compact_ratio: save only the selected input columns of a Linear for backward when
+    there are at most compact_ratio * in_features distinct ones (0 disables).
+    """
+
+    forward: str = "auto"
+    input_grad: str = "auto"
+    linear_grad: str = "auto"
+    conv_grad: str = "auto"
+    chunk_bytes: int | None = None
+    compact_ratio: float = 0.5
+
+
+SETTINGS = KernelSettings()
+
+_CHOICES = {
+    "forward": WEIGHT_PATHS,
+    "input_grad": WEIGHT_PATHS,
+    "linear_grad": LINEAR_GRAD_PATHS,
+    "conv_grad": CONV_GRAD_PATHS,
+}
+
+
+@contextmanager
+def kernel_settings(**overrides) -> Iterator[KernelSettings]:
+    """Temporarily override fields of SETTINGS, e.g. ``with kernel_settings(linear_grad="dense"):``."""
+    names = {f.name for f in fields(KernelSettings)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise TypeError(f"unknown kernel setting {key!r}; known: {sorted(names)}")
+        if key in _CHOICES and value not in (*_CHOICES[key], "auto"):
+            raise ValueError(f"{key}={value!r}; choose 'auto' or one of {_CHOICES[key]}")
+    saved = {key: getattr(SETTINGS, key) for key in overrides}
+    for key, value in overrides.items():
+        setattr(SETTINGS, key, value)
+    try:
+        yield SETTINGS
+    finally:
+        for key, value in saved.items():
+            setattr(SETTINGS, key, value)
+
+
+def chunk_elems(device: torch.device, element_size: int) -> int:
+    """Elements allowed in one gathered temporary.
+
+    CPU: 4 MiB; cache-sized chunks measured up to 2x faster than one big gather at one
+    thread, while bigger chunks mean fewer parallel regions on a shared 2-core machine.
+    CUDA: 256 MiB keeps the number of launches low while bounding the transient memory.
+    """
+    nbytes = SETTINGS.chunk_bytes
+    if nbytes is None:
+        nbytes = (256 << 20) if device.type == "cuda" else (4 << 20)
+    return max(1, nbytes // element_size)
+
+
+def choose_weight_path(setting: str, positions: int, rows: int, k: int, fan_in: int) -> str:
+    """"merge" (write the K entries into the base, one matmul) or "add" (base matmul + K-sparse term).
+
+    Since the merge writes the entries into the base's storage instead of copying the
+    weight, it measured as fast or faster than "add" for every shape tried (M = 1..256
+    positions, K = 1..8, 768x768 and 1000x768 weights), so "auto" always merges.
+    """
+    return "merge" if setting == "auto" else setting
+
+
+def choose_linear_grad(
+    positions: int, rows: int, k: int, cols: int, dtype: torch.dtype, device: torch.device
+) -> str:
+    """Cheapest of gather / sddmm / dense for the selected-entry gradient of a Linear.
+
+    ``cols`` is the width of the saved input (in_features, or the distinct selected columns).
+    """
+    if SETTINGS.linear_grad != "auto":
+        return SETTINGS.linear_grad
+    work = positions * rows * k
+    dense = positions * rows * cols
+    if device.type != "cpu":
+        # Not measured (no GPU was available): a gathered element is taken to cost ~100
+        # fp32 (~400 half-precision) matmul multiply-adds.
+        ratio = 100 if dtype in (torch.float32, torch.float64) else 400
+        return "gather" if work * ratio < dense else "dense"
+    # CPU cost model in ns, fitted on one thread (torch 2.14, docs/sparse-kernels.md).
+    # gather: ~0.8 per gathered element plus one pass over the saved input rows;
+    # sddmm (sampled_addmm) pays for transposing both operands (dearer once the input no
+    # longer fits in cache), then ~0.12 per entry; dense: one matmul.
+    cost = {
+        "gather": 0.8 * work + 0.6 * positions * cols,
+        "dense": 0.0195 * dense,
+    }
+    if dtype in (torch.float32, torch.float64):  # sampled_addmm has no half kernels on CPU
+        x_pass = 1.4 if cols <= 2048 else 3.4
+        cost["sddmm"] = 1.4 * positions * rows + x_pass * positions * cols + 0.12 * work
+    return min(cost, key=cost.get)
+
+
+def choose_conv_grad(
+    batch: int,
+    in_channels: int,
+    rows: int,
+    k: int,
+    out_pixels: int,
+    kernel_elems: int,
+    groups: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> str:
+    """Cheapest of gather / unfold / dense for the selected-entry gradient of a Conv2d."""
+    if SETTINGS.conv_grad != "auto":
+        return SETTINGS.conv_grad
+    fan_in = in_channels // groups * kernel_elems
+    work = batch * out_pixels * rows * k
+    macs = batch * out_pixels * rows * fan_in
+    if device.type != "cpu":
+        return "gather" if work * 100 < macs else "dense"  # not measured, see choose_linear_grad
+    # CPU cost model in ns (one thread). The dense weight gradient of grouped / depthwise
+    # convolutions is ~25x slower per multiply-add than the dense one on CPU.
+    cost = {
+        "gather": 1.6 * work,
+        "unfold": 1.5 * batch * in_channels * kernel_elems * out_pixels + 1.0 * work,
+        "dense": (0.025 if groups == 1 else 0.6) * macs,
+    }
+    return min(cost, key=cost.get)

@@ -1,0 +1,488 @@
+"""launchers/slurm/train.sbatch on a real, throw-away Slurm cluster.
+
+The test installs Slurm and MUNGE from Debian's packages when missing (`.ci/slurm-setup.sh`),
+starts munged, slurmctld and slurmd on localhost with their own key, ports, state folder and
+slurm.conf (cgroup-free, no accounting), submits the batch script for two CPU ranks on a tiny
+digits job, and checks that both ranks ran, the run wrote its delta into an output folder named
+after the job id, and MLflow got the experiment named by MLFLOW_EXPERIMENT_NAME. Every wait has
+a deadline; the daemons are stopped and their state removed whatever happens.
+
+Skipped only where Slurm cannot be installed (not root, no apt-get, apt-get failing).
+The tests at the end run the batch scripts' derivations with stand-ins for `srun`/`scontrol`
+(fast, no Slurm needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SETUP = REPO / ".ci" / "slurm-setup.sh"
+SBATCH = REPO / "launchers" / "slurm" / "train.sbatch"
+NODE = "localhost"
+
+INSTALL_TIMEOUT_S = 300  # apt-get install of four packages
+START_TIMEOUT_S = 60  # daemons up and the node idle
+WARM_TIMEOUT_S = 360  # DeepSpeed's CPU all-reduce op, compiled once per machine (cached afterwards)
+JOB_TIMEOUT_S = 300  # the job itself (30-60 s once that op is compiled)
+STOP_TIMEOUT_S = 15
+
+CLUSTER_TEST_TIMEOUT_S = INSTALL_TIMEOUT_S + START_TIMEOUT_S + WARM_TIMEOUT_S + JOB_TIMEOUT_S + 120
+
+SLURM_CONF = """\
+ClusterName=gpsds-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge/munge.socket
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/run/slurmctld.pid
+SlurmdPidFile={root}/run/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+MpiDefault=none
+MailProg=/bin/true
+ReturnToService=2
+SlurmdParameters=config_overrides
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=5
+MinJobAge=600
+FirstJobId={first_job_id}
+NodeName={node} NodeAddr=127.0.0.1 NodeHostname={node} CPUs=2 RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=30 State=UP
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} not written)"
+
+
+def _install_slurm() -> None:
+    try:
+        proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{SETUP} did not finish within {INSTALL_TIMEOUT_S} s")
+    if proc.returncode in (3, 4):  # cannot install here: not root, no apt-get, apt-get failed
+        pytest.skip(f"Slurm cannot be installed here: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
+    assert proc.returncode == 0, f"{SETUP} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    if os.geteuid() != 0:
+        pytest.skip("slurmd must run as root to launch job steps; not root")
+
+
+class Cluster:
+    """munged + slurmctld + slurmd on localhost, all state under `root`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = dict(os.environ, SLURM_CONF=str(root / "slurm.conf"))
+        self.env["PATH"] = self.env.get("PATH", "") + ":/usr/sbin:/sbin"
+        self.job_ids: list[str] = []
+        self.master_ports: list[int] = []
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        root = self.root
+        for sub in ("munge", "state", "spool", "run", "log"):
+            (root / sub).mkdir(mode=0o755)
+        key = root / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        # A first job id drawn at random: the batch script derives MASTER_PORT from it, so two
+        # test runs on one machine (each with its own cluster) do not share a rendezvous port.
+        while True:
+            first_job_id = random.randint(1000, 999_999)
+            if _port_is_free(10000 + first_job_id % 20000):
+                break
+        ctld_port = _free_port()
+        slurmd_port = _free_port()
+        while slurmd_port == ctld_port:
+            slurmd_port = _free_port()
+        (root / "slurm.conf").write_text(SLURM_CONF.format(
+            host=socket.gethostname().split(".")[0], ctld_port=ctld_port, slurmd_port=slurmd_port, root=root,
+            node=NODE, first_job_id=first_job_id))
+
+        self._spawn("munged", ["munged", "--foreground", "--force", f"--key-file={key}",
+                               f"--socket={root / 'munge' / 'munge.socket'}", f"--pid-file={root / 'run' / 'munged.pid'}",
+                               f"--seed-file={root / 'munge' / 'munged.seed'}",
+                               f"--log-file={root / 'log' / 'munged.log'}"])
+        self._wait_for(lambda: (root / "munge" / "munge.socket").exists(), "munged's socket", 20)
+        self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
+        self._wait_for(lambda: self._run(["scontrol", "ping"], check=False).returncode == 0, "slurmctld", 30)
+        self._spawn("slurmd", ["slurmd", "-D", "-N", NODE])
+        self._wait_for(self._node_idle, f"node {NODE} idle", START_TIMEOUT_S)
+
+    def stop(self) -> None:
+        for job in self.job_ids:
+            self._run(["scancel", "--full", job], check=False)
+        if self.job_ids:  # give slurmd a moment to end the steps it was asked to cancel
+            self._wait_for(lambda: not self._run(["squeue", "-h", "-o", "%i"], check=False).stdout.strip(),
+                           "cancelled jobs gone", 20, fail=False)
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT_S)
+        # DeepSpeed's CPU all-reduce leaves its shared-memory buffers (~70 MB per rank) behind.
+        for port in self.master_ports:
+            for leftover in Path("/dev/shm").glob(f"deepspeed_*_{os.getuid()}_{NODE}_{port}_*"):
+                leftover.unlink(missing_ok=True)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        out = open(self.root / "log" / f"{name}.out", "wb")
+        self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+
+    def _run(self, cmd: list[str], check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=kw.pop("env", self.env), timeout=timeout, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}\n{self.logs()}")
+        return proc
+
+    def _node_idle(self) -> bool:
+        out = self._run(["sinfo", "-h", "-n", NODE, "-o", "%T"], check=False).stdout.strip()
+        return out.startswith("idle")
+
+    def _wait_for(self, ready, what: str, timeout: float, fail: bool = True) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None and fail:
+                    raise AssertionError(f"{name} exited ({proc.returncode}) while waiting for {what}\n{self.logs()}")
+            if ready():
+                return True
+            time.sleep(0.5)
+        if fail:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{self.logs()}")
+        return False
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("munged.out", "slurmctld.out", "slurmctld.log", "slurmd.out", "slurmd.log"):
+            parts.append(f"--- {name}\n{_tail(self.root / 'log' / name, 15)}")
+        return "\n".join(parts)
+
+    # -- jobs --------------------------------------------------------------------------------------
+    def submit(self, args: list[str], env: dict[str, str]) -> str:
+        job = self._run(["sbatch", "--parsable", *args], env={**self.env, **env}, cwd=REPO).stdout.strip()
+        job = job.split(";")[0]
+        self.job_ids.append(job)
+        self.master_ports.append(10000 + int(job) % 20000)
+        return job
+
+    def wait(self, job: str, timeout: float) -> dict[str, str]:
+        """Poll until the job leaves the queue; return its `scontrol show job` fields."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self._job_fields(job).get("JobState", "")
+            if state and state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"):
+                return self._job_fields(job)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job} still {state or 'unknown'} after {timeout} s")
+            time.sleep(2)
+
+    def _job_fields(self, job: str) -> dict[str, str]:
+        out = self._run(["scontrol", "show", "job", "-o", job], check=False).stdout
+        fields = {}
+        for item in out.split():
+            key, sep, value = item.partition("=")
+            if sep:
+                fields[key] = value
+        return fields
+
+
+@pytest.fixture
+def cluster():
+    _install_slurm()
+    # Short path: munged's socket path must stay under the 108-byte limit of Unix sockets.
+    root = Path(tempfile.mkdtemp(prefix="gpsds-slurm-", dir="/tmp"))
+    c = Cluster(root)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def digits_job(tmp_path):
+    from gps_ds.data.datasets import write_digits
+
+    shards = tmp_path / "shards"
+    write_digits(shards, test_size=0.5)
+    config = {
+        "model": {"name": "test_vit", "img_size": 32, "num_classes": 10},
+        "data": {"train": str(shards), "test": str(shards), "recipe": "digits", "image_size": 32, "workers": 0},
+        "train": {"method": "linear", "epochs": 1, "lr": 0.01},
+        "deepspeed": {"train_micro_batch_size_per_gpu": 32},
+        "output": {"dir": str(tmp_path / "runs" / "digits")},
+        "tracking": {"enabled": True},
+    }
+    path = tmp_path / "digits.json"
+    path.write_text(json.dumps(config))
+    return path, config
+
+
+def _job_path() -> str:
+    """The job's PATH: this process's own, as for the suite's other multi-rank tests, so that
+    DeepSpeed's op build finds the same `ninja` (two ninja versions writing one build folder in
+    ~/.cache/torch_extensions see each other's log as foreign and rebuild at every switch)."""
+    return os.environ.get("PATH", "")
+
+
+def _warm_deepspeed_cpu_op() -> None:
+    """Compile (or find cached) DeepSpeed's shared-memory all-reduce op once, here, rather than
+    inside the job where both ranks would wait for it: keeps the job's own time predictable."""
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"  # what every rank calls first
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WARM_TIMEOUT_S,
+                              env=dict(os.environ, PATH=_job_path()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"compiling DeepSpeed's CPU op took more than {WARM_TIMEOUT_S} s")
+    assert proc.returncode == 0, f"DeepSpeed's CPU op does not build:\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
+def test_train_sbatch_two_cpu_ranks(cluster, digits_job, tmp_path):
+    config_path, config = digits_job
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    started = time.monotonic()
+    _warm_deepspeed_cpu_op()
+    warmed = time.monotonic()
+    env = {
+        "PATH": _job_path() + ":/usr/sbin:/sbin",
+        "PYTHON": sys.executable,
+        "GPS_DS_ROOT": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_EXPERIMENT_NAME": "slurm-test",
+        "GPS_DS_COLLECTIVE_TIMEOUT": "180",
+    }
+    job = cluster.submit([
+        "--job-name=gpsds-test", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+        f"--output={log_dir}/%x-%j.out", str(SBATCH), str(config_path), "--quiet",
+    ], env)
+    job_out = log_dir / f"gpsds-test-{job}.out"
+    try:
+        fields = cluster.wait(job, JOB_TIMEOUT_S)
+    except TimeoutError as err:
+        pytest.fail(f"{err}\n--- job output\n{_tail(job_out, 60)}\n{cluster.logs()}")
+    print(f"slurm test: DeepSpeed CPU op ready in {warmed - started:.0f} s, job {job} ran "
+          f"{fields.get('RunTime')} ({time.monotonic() - warmed:.0f} s from submission)")
+    text = job_out.read_text(errors="replace") if job_out.exists() else ""
+    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", (
+        f"job {job}: {fields.get('JobState')} exit {fields.get('ExitCode')}\n--- job output\n{_tail(job_out, 60)}")
+
+    # Both ranks ran, with the variables derived from Slurm's.
+    port = 10000 + int(job) % 20000
+    for rank in (0, 1):
+        assert f"gps-ds slurm: rank {rank}/2 local {rank}/2 node 0/1" in text, text
+    assert f"master {NODE}:{port}" in text, text
+    assert "MLFLOW_EXPERIMENT_NAME" in text, text
+
+    # One output folder per job: the config's output.dir with the job id appended.
+    out = Path(config["output"]["dir"] + f"-{job}")
+    assert (out / "delta_last.safetensors").is_file(), f"{out} holds {sorted(p.name for p in out.glob('*'))}\n{text}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "linear" and summary["last_top1"] is not None
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+
+    from gps_ds.delta import load_delta
+
+    assert load_delta(out / "delta_last.safetensors").whole, "the delta holds no trained tensor"
+
+    # MLFLOW_EXPERIMENT_NAME reached the run (embedded sqlite store in the output folder).
+    with sqlite3.connect(out / "mlflow.db") as db:
+        names = {row[0] for row in db.execute("select name from experiments")}
+        statuses = {row[0] for row in db.execute("select status from runs")}
+    assert "slurm-test" in names, names
+    assert statuses == {"FINISHED"}, statuses
+
+
+# --------------------------------------------------------------------------- without a cluster
+# The batch scripts' derivations, run by bash with stand-ins for `scontrol` and `srun` (fast,
+# no Slurm needed; not marked slow).
+STUB_SCONTROL = """#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] || exit 1
+echo node07; echo node08
+seq -f "node%05g" 1 20000  # a long list: reading only its first line must not kill the script (SIGPIPE)
+"""
+# `srun` stand-in: runs the command once per task of the first node, as srun would, with
+# Slurm's per-task variables set.
+STUB_SRUN = """#!/usr/bin/env bash
+echo "SRUN_ARGS $*" >&2
+while [[ "$1" == --* ]]; do shift; done
+for id in 0 1; do
+    SLURM_PROCID=$id SLURM_LOCALID=$id SLURM_NODEID=0 SLURM_STEP_NUM_TASKS=$SLURM_NTASKS \\
+        SLURM_STEP_NUM_NODES=2 SLURM_STEP_TASKS_PER_NODE="2(x2)" "$@" || exit $?
+done
+"""
+PROBE = "import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)}))"
+
+
+def _run_batch_script(tmp_path: Path, args: list[str], env: dict[str, str], script: Path = SBATCH):
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name, text in (("scontrol", STUB_SCONTROL), ("srun", STUB_SRUN)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    # the "interpreter" prints what it was given instead of training
+    probe = stubs / "probe-python"
+    probe.write_text(f"#!/usr/bin/env bash\n"  # `python - CONFIG` (reading output.dir) runs for real
+                     f"[ \"$1\" = - ] && exec {sys.executable} \"$@\"\n"
+                     f"exec {sys.executable} -c \"{PROBE}\" \"$@\"\n")
+    probe.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MLFLOW_", "GPS_DS_"))}
+    base.update(PATH=f"{stubs}:{os.environ.get('PATH', '')}", PYTHON=str(probe), SLURM_JOB_ID="123456",
+                SLURM_JOB_NODELIST="node[07-08]", SLURM_NTASKS="4", SLURM_JOB_NUM_NODES="2",
+                SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="3", **env)
+    base.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=base, timeout=60,
+                          cwd=tmp_path)
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc, ranks
+
+
+def _config(tmp_path: Path, output: dict | None = None) -> Path:
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"output": output} if output is not None else {}))
+    return path
+
+
+def test_batch_script_derives_rendezvous_ranks_and_output(tmp_path):
+    cfg = _config(tmp_path, {"dir": "runs/mine"})
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg), "--set", "gps.k=2", "--quiet"],
+                                    {"MLFLOW_TRACKING_URI": "http://tracker:5000", "MLFLOW_TRACKING_PASSWORD": "s3cret"})
+    assert proc.returncode == 0, proc.stderr
+    assert len(ranks) == 2, proc.stdout
+    for task, rank in enumerate(ranks):
+        env = rank["env"]
+        assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == (str(task), str(task), "4")
+        assert (env["LOCAL_SIZE"], env["CROSS_RANK"], env["CROSS_SIZE"]) == ("2", "0", "2")
+        assert env["MASTER_ADDR"] == "node07"
+        assert env["MASTER_PORT"] == str(10000 + 123456 % 20000)
+        assert env["OMP_NUM_THREADS"] == "3"
+        assert env["MLFLOW_TRACKING_PASSWORD"] == "s3cret"  # forwarded ...
+        assert rank["argv"] == ["launchers/train.py", "--config", str(cfg),
+                                "--set", "output.dir=runs/mine-123456", "--set", "tracking.uri=http://tracker:5000",
+                                "--set", "gps.k=2", "--quiet"]
+    log = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if not line.startswith("{")]
+    assert any("MLFLOW_TRACKING_PASSWORD" in line for line in log), log  # ... named in the log,
+    assert not any("s3cret" in line for line in log), log  # never its value
+    assert "--cpus-per-task=3" in proc.stderr and "--kill-on-bad-exit=1" in proc.stderr
+
+
+def test_batch_script_keeps_what_the_user_sets(tmp_path):
+    cfg = _config(tmp_path)
+    proc, ranks = _run_batch_script(tmp_path, ["--set", "output.dir=runs/x", "--set", "tracking.uri=sqlite:///t.db"],
+                                    {"CONFIG": str(cfg), "MLFLOW_TRACKING_URI": "http://ignored:5000",
+                                     "MLFLOW_EXPERIMENT_NAME": "exp1"})
+    assert proc.returncode == 0, proc.stderr
+    assert ranks[0]["argv"] == ["launchers/train.py", "--config", str(cfg), "--set", "tracking.experiment=exp1",
+                                "--set", "output.dir=runs/x", "--set", "tracking.uri=sqlite:///t.db"]
+    # no output.dir anywhere: runs/<config name>-<job id>
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg)], {})
+    assert ranks[0]["argv"][3:] == ["--set", "output.dir=runs/cfg-123456"], ranks[0]["argv"]
+
+
+def test_batch_script_errors_are_one_line(tmp_path):
+    proc, _ = _run_batch_script(tmp_path, [], {})
+    assert proc.returncode == 2 and "no config" in proc.stderr, proc.stderr
+    proc, _ = _run_batch_script(tmp_path, [str(tmp_path / "missing.json")], {})
+    assert proc.returncode == 2 and "config file not found" in proc.stderr, proc.stderr
+
+
+def test_select_script_writes_the_mask_into_the_job_folder(tmp_path):
+    cfg = _config(tmp_path, {"dir": str(tmp_path / "runs" / "sel")})
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg), "--quiet"], {},
+                                    script=REPO / "launchers" / "slurm" / "select.sbatch")
+    assert proc.returncode == 0, proc.stderr
+    out_dir = tmp_path / "runs" / "sel-123456"
+    assert ranks[0]["argv"] == ["launchers/select.py", "--config", str(cfg), "--set", f"output.dir={out_dir}",
+                                "--out", f"{out_dir}/mask.safetensors", "--quiet"]
+    assert out_dir.is_dir()
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg), "--out", "m.safetensors"], {},
+                                    script=REPO / "launchers" / "slurm" / "select.sbatch")
+    assert ranks[0]["argv"][-2:] == ["--out", "m.safetensors"]
+
+
+def test_rank_env_with_one_gpu_per_task(tmp_path):
+    """Slurm binding each task to its own GPU (--gpus-per-task) leaves one visible device: CUDA
+    index 0 whatever the local rank; a local rank beyond the visible GPUs is refused."""
+    wrapper = REPO / "launchers" / "slurm" / "rank_env.sh"
+    base = dict(os.environ, SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_NODEID="1",
+                SLURM_STEP_TASKS_PER_NODE="4(x2)", MASTER_ADDR="n1", MASTER_PORT="12345")
+    show = [sys.executable, "-c", "import os; print(os.environ['LOCAL_RANK'], os.environ['LOCAL_SIZE'])"]
+    proc = subprocess.run(["bash", str(wrapper), *show], capture_output=True, text=True, timeout=30,
+                          env={**base, "CUDA_VISIBLE_DEVICES": "3"})
+    assert proc.stdout.splitlines()[-1] == "0 4", proc.stdout + proc.stderr
+    proc = subprocess.run(["bash", str(wrapper), *show], capture_output=True, text=True, timeout=30,
+                          env={**base, "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert proc.stdout.splitlines()[-1] == "1 4", proc.stdout + proc.stderr
+    proc = subprocess.run(["bash", str(wrapper), *show], capture_output=True, text=True, timeout=30,
+                          env={**base, "SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert proc.returncode == 2 and "GPU(s) are visible" in proc.stderr, proc.stderr
+
+
+def test_batch_script_masks_uri_credentials_in_its_log(tmp_path):
+    cfg = _config(tmp_path)
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg)], {"MLFLOW_TRACKING_URI": "https://bob:t0ken@mlflow.example"})
+    assert proc.returncode == 0, proc.stderr
+    assert "--set" in ranks[0]["argv"] and "tracking.uri=https://bob:t0ken@mlflow.example" in ranks[0]["argv"]
+    log = [line for line in proc.stdout.splitlines() if not line.startswith("{")]
+    assert any("tracking.uri=https://***@mlflow.example" in line for line in log), log
+    assert not any("t0ken" in line for line in log), log

@@ -1,0 +1,177 @@
+"""The trainer end to end on real data (scikit-learn digits as shards), one process."""
+
+import json
+
+import pytest
+import torch
+
+from gps_ds.cli import run
+from gps_ds.config import validate_config
+from gps_ds.delta import load_delta, merge_state_dict
+from gps_ds.engine import Trainer, seed_everything
+from gps_ds.evaluation import TrainingError
+from gps_ds.models import create_model
+from gps_ds.rules import classify
+from gps_ds.weights import save_state_dict
+
+MODEL = {"name": "test_vit", "img_size": 32, "num_classes": 10}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from gps_ds.data.datasets import write_digits
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    write_digits(out, test_size=0.25, seed=0, progress=False)
+    return out
+
+
+def make_cfg(digits, out, **overrides):
+    raw = {
+        "model": dict(MODEL),
+        "data": {"train": str(digits), "test": str(digits), "recipe": "digits", "image_size": 32, "workers": 0,
+                 "steps_per_epoch": 3},
+        "gps": {"k": 1, "loss": "supcon", "max_batches": 2},
+        "train": {"method": "gps", "epochs": 2, "lr": 0.01, "optimizer": "adamw", "weight_decay": 0.05},
+        "deepspeed": {"train_micro_batch_size_per_gpu": 32},
+        "output": {"dir": str(out)},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        raw[section][key] = value
+    return validate_config(raw)
+
+
+def initial_model(cfg):
+    seed_everything(cfg.train.seed)
+    return create_model(cfg.model.name, 10, img_size=32)
+
+
+def a_batch(seed=0):
+    return torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method, mode", [("gps", "sparse"), ("gps", "masked"), ("linear", None), ("bitfit", None),
+                                          ("full", None)])
+def test_method_trains_only_its_parameters(digits, tmp_path, method, mode):
+    extra = {"train__method": method}
+    if mode:
+        extra["gps__mode"] = mode
+    cfg = make_cfg(digits, tmp_path / "run", **extra)
+    trainer = Trainer(cfg, show_progress=False)
+    summary = trainer.run()
+    trained = trainer.engine.module.eval()
+    init = initial_model(cfg)
+    roles = classify(init)
+    delta = load_delta(tmp_path / "run" / "delta_last.safetensors")
+
+    # The merged dense model reproduces the trained (sparse or masked) model's predictions.
+    dense = initial_model(cfg)
+    dense.load_state_dict(merge_state_dict(init.state_dict(), delta))
+    with torch.no_grad():
+        torch.testing.assert_close(dense.eval()(a_batch()), trained(a_batch()), atol=2e-5, rtol=1e-5)
+
+    before = dict(init.named_parameters())
+    after = dict(dense.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    if method == "linear":
+        assert changed == set(roles.head)
+    elif method == "bitfit":
+        assert changed <= {n for n in before if n.endswith("bias")} | set(roles.head)
+        assert any(n.endswith("bias") and n not in roles.head for n in changed)
+    elif method == "full":
+        assert {"blocks.0.norm1.weight", "pos_embed", "blocks.0.attn.qkv.weight"} <= changed
+    else:
+        # Only candidates, biases and the head move; a candidate changes only at its K selected
+        # entries per row, and every other entry stays bit-identical.
+        assert all(roles.roles[n] != "frozen" for n in changed)
+        for name, (idx, _) in delta.selected.items():
+            moved = (before[name] != after[name]).reshape(before[name].shape[0], -1)
+            allowed = torch.zeros_like(moved).scatter_(1, idx.long(), True)
+            assert not (moved & ~allowed).any(), name
+        assert delta.num_selected() == sum(before[n].shape[0] for n in roles.candidates)
+    assert summary["trainable"]["total"] == delta.num_selected() + delta.num_whole() or method == "full"
+    assert 0.0 <= summary["best_top1"] <= 100.0
+
+
+def test_mlflow_run_reads_back(digits, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = make_cfg(digits, tmp_path / "run")
+    summary = Trainer(cfg, show_progress=False).run()
+    client = MlflowClient(summary["tracking_uri"])
+    mrun = client.get_run(summary["run_id"])
+    assert mrun.info.status == "FINISHED"
+    assert mrun.data.params["gps.k"] == "1" and mrun.data.params["train.method"] == "gps"
+    assert mrun.data.params["deepspeed.train_micro_batch_size_per_gpu"] == "32"
+    top1 = client.get_metric_history(summary["run_id"], "top1")
+    assert len(top1) == 2
+    assert max(m.value for m in top1) == pytest.approx(summary["best_top1"])
+    assert len(client.get_metric_history(summary["run_id"], "train_loss")) == 6
+    assert mrun.data.metrics["trainable_selected"] == summary["trainable"]["selected"]
+    arts = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"mask.safetensors", "delta_best.safetensors", "selection.png", "config.json"} <= arts
+
+
+def test_eval_cli_and_merge_cli(digits, tmp_path, capsys):
+    cfg = make_cfg(digits, tmp_path / "run", train__epochs=1)
+    summary = Trainer(cfg, show_progress=False).run()
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    delta_path = tmp_path / "run" / "delta_best.safetensors"
+    capsys.readouterr()  # drop what training printed
+    assert run(["eval", "--config", str(cfg_path), "--delta", str(delta_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(summary["best_top1"])
+    assert result["count"] == 450  # every test sample exactly once
+
+    base = tmp_path / "base.safetensors"
+    save_state_dict(initial_model(cfg).state_dict(), base)
+    merged = tmp_path / "merged.safetensors"
+    assert run(["delta", "merge", "--delta", str(delta_path), "--base", str(base), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    # A plain timm model loads the merged checkpoint strictly.
+    from safetensors.torch import load_file
+
+    plain = create_model("test_vit", 10, img_size=32)
+    plain.load_state_dict(load_file(str(merged)))
+    delta = load_delta(delta_path)
+    assert torch.equal(plain.state_dict()["blocks.0.attn.qkv.bias"], delta.whole["blocks.0.attn.qkv.bias"])
+    idx, values = delta.selected["blocks.0.attn.qkv.weight"]
+    assert torch.equal(plain.blocks[0].attn.qkv.weight.detach().gather(1, idx.long()), values)
+    assert run(["delta", "inspect", str(delta_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["selected"] == sum(p.shape[0] for n, p in plain.named_parameters() if n in classify(plain).candidates)
+
+
+def test_output_folder_is_refused_then_overwritten(digits, tmp_path, capsys):
+    cfg = make_cfg(digits, tmp_path / "run", train__method="linear", train__epochs=1)
+    Trainer(cfg, show_progress=False).run()
+    before = (tmp_path / "run" / "delta_best.safetensors").read_bytes()
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    assert run(["train", "--config", str(cfg_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "delta_best.safetensors").read_bytes() == before
+
+
+def test_nan_loss_names_the_step_and_keeps_the_last_good_delta(digits, tmp_path, monkeypatch):
+    import gps_ds.data.transforms as transforms
+
+    real = transforms.build_train_criterion
+
+    def poisoned(data_cfg):
+        inner, calls = real(data_cfg), {"n": 0}
+
+        def criterion(logits, target):
+            calls["n"] += 1
+            loss = inner(logits, target)
+            return loss * float("nan") if calls["n"] > 4 else loss
+        return criterion
+
+    monkeypatch.setattr(transforms, "build_train_criterion", poisoned)
+    cfg = make_cfg(digits, tmp_path / "run", train__method="linear")
+    with pytest.raises(TrainingError, match=r"loss is nan at step 4 \(epoch 1\)"):
+        Trainer(cfg, show_progress=False).run()
+    assert load_delta(tmp_path / "run" / "delta_last.safetensors").whole  # epoch 0's delta is intact
