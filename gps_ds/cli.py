@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: pre-train on MNIST, fine-tune on 8x8 digits with 4 methods")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--pretrain-epochs", type=int, default=8)
+    p.add_argument("--pretrain-epochs", type=int, default=12)
     p.add_argument("--epochs", type=int, default=15)
     p.set_defaults(func=cmd_demo)
     return parser

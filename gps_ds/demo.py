@@ -14,7 +14,10 @@ from typing import Any
 
 BACKBONE = {
     "name": "vit_tiny_patch16_224", "img_size": 32,
-    "kwargs": {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+    # Global average pooling instead of a class token: a ViT this small learns MNIST from scratch
+    # markedly faster that way.
+    "kwargs": {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "global_pool": "avg",
+               "class_token": False, "fc_norm": False},
 }
 METHODS = ("gps", "linear", "bitfit", "full")
 
@@ -60,7 +63,7 @@ def _pretrain(root: Path, epochs: int) -> Path:
         print(f"stage 1: using the cached MNIST backbone {ckpt}")
         return ckpt
     print(f"stage 1: pre-training a small ViT on 4,000 MNIST digits ({epochs} epochs) ...", flush=True)
-    cfg = validate_config(_base_config(root, "mnist", "full", "stage1-mnist", epochs, 1e-3,
+    cfg = validate_config(_base_config(root, "mnist", "full", "stage1-mnist", epochs, 2e-3,
                                        train__optimizer="adamw", train__weight_decay=0.05))
     summary = train(cfg, overwrite=True)
     print(f"stage 1: MNIST test top-1 {summary['best_top1']:.2f}% in {summary['seconds']:.0f} s")
@@ -69,7 +72,7 @@ def _pretrain(root: Path, epochs: int) -> Path:
     return ckpt
 
 
-def run_demo(root: str | Path = "runs/demo", pretrain_epochs: int = 8, epochs: int = 15) -> list[dict]:
+def run_demo(root: str | Path = "runs/demo", pretrain_epochs: int = 12, epochs: int = 15) -> list[dict]:
     from gps_ds.config import validate_config
     from gps_ds.engine import train
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -22,6 +20,7 @@ from gps_ds.evaluation import TrainingError, evaluate
 from gps_ds.methods import Prepared, prepare_model, trainable_count
 from gps_ds.optim import build_optimizer, build_scheduler
 from gps_ds.rules import ParamRoles, classify
+from gps_ds.seeding import seed_everything
 from gps_ds.tracking import Tracker, progress
 
 RUN_MARKER = "run.json"
@@ -29,12 +28,6 @@ RUN_MARKER = "run.json"
 
 class OutputDirError(ValueError):
     pass
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -139,13 +132,29 @@ class Trainer:
         prepared = prepare_model(self.model, self.roles, cfg.train.method, selection, cfg.gps.mode)
         self.prepared = prepared
         optimizer = build_optimizer(self.model, cfg.train)
+        masked_hook = False
         if prepared.masked is not None:
-            _check_masked_supported(ds_config)
-            prepared.masked.attach(optimizer)
+            from gps_ds.sparse.zero_hook import check_masked_supported, masked_needs_engine_hook
+
+            check_masked_supported(ds_config)
+            masked_hook = masked_needs_engine_hook(ds_config)
+            # ZeRO / bf16: the gradients are masked on the engine's flat partitions (ZeroMaskedHook);
+            # attach still moves the masked params into groups of their own with weight_decay=0.
+            prepared.masked.attach(optimizer, mask_on_backward=not masked_hook)
+        # Shapes and counts before ZeRO-3 partitions the parameters (they read as empty after).
+        counts = trainable_count(self.model, prepared)
+        from gps_ds.selection.pipeline import candidate_fingerprint
+
+        self._fingerprint = candidate_fingerprint(self.model, self.roles)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, model_parameters=trainable,
                                                config=ds_config)
         self.engine = engine
+        self.zero_mask = None
+        if masked_hook:
+            from gps_ds.sparse.zero_hook import ZeroMaskedHook
+
+            self.zero_mask = ZeroMaskedHook(engine, prepared.masked, self.model)
         from gps_ds.data.loaders import make_eval_loader, make_train_loader
 
         from gps_ds.data.transforms import build_train_criterion
@@ -159,7 +168,6 @@ class Trainer:
 
         tracker = Tracker(enabled=cfg.tracking.enabled, rank=self.rank, output_dir=self.out, uri=cfg.tracking.uri,
                           experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name or self.out.name)
-        counts = trainable_count(engine.module, prepared)
         self._write_run_marker(tracker, counts)
         tracker.log_params(config_to_dict(cfg))
         share = {f"trainable_{k}_percent": 100.0 * v / self.backbone_params for k, v in counts.items()}
@@ -232,17 +240,14 @@ class Trainer:
         return metrics
 
     def _save_delta(self, name: str, module: nn.Module) -> None:
-        if self.rank != 0:
-            return
         p = self.prepared
-        from gps_ds.selection.pipeline import candidate_fingerprint
-
         meta = {"model": self.cfg.model.name, "method": p.method, "k": self.cfg.gps.k if p.method == "gps" else 0,
                 "mode": p.mode or "", "num_classes": self.cfg.model.num_classes,
-                "fingerprint": candidate_fingerprint(self.model, self.roles),
+                "fingerprint": self._fingerprint,
                 "head": json.dumps(self.roles.head), "backbone_params": self.backbone_params}
-        delta = extract_delta(module, p.whole, p.selection if p.mode == "masked" else None, meta)
-        save_delta(self.out / name, delta)
+        delta = gathered_delta(module, p, meta, self.rank)  # a collective under ZeRO-3: every rank calls it
+        if self.rank == 0:
+            save_delta(self.out / name, delta)
 
     def _write_run_marker(self, tracker: Tracker, counts: dict) -> None:
         if self.rank != 0:
@@ -257,12 +262,22 @@ class Trainer:
         tracker.log_artifacts([self.out / n for n in names])
 
 
-def _check_masked_supported(ds_config: dict) -> None:
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    half = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
-    if stage != 0 or half:
-        raise ValueError("gps.mode='masked' currently runs with ZeRO stage 0 in fp32; use gps.mode='sparse' "
-                         "(the default) for ZeRO stages 1-3 and bf16/fp16")
+def gathered_delta(module: nn.Module, prepared: Prepared, meta: dict, rank: int = 0):
+    """The delta of `module` with FULL tensors also under ZeRO-3: the trained parameters are gathered
+    (deepspeed.zero.GatheredParameters, a collective: call it on every rank), rank 0 extracts.
+    Returns the Delta on rank 0, None elsewhere."""
+    import contextlib
+
+    params = [q for q in module.parameters() if q.requires_grad]
+    ctx = contextlib.nullcontext()
+    if any(hasattr(q, "ds_id") for q in params):
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with ctx:
+        if rank != 0:
+            return None
+        return extract_delta(module, prepared.whole, prepared.selection if prepared.mode == "masked" else None, meta)
 
 
 def _build_ema(module: nn.Module, decay: float | None):

@@ -8,7 +8,8 @@ import torch
 from gps_ds.cli import run
 from gps_ds.config import validate_config
 from gps_ds.delta import load_delta, merge_state_dict
-from gps_ds.engine import Trainer, seed_everything
+from gps_ds.engine import Trainer
+from gps_ds.seeding import seed_everything
 from gps_ds.evaluation import TrainingError
 from gps_ds.models import create_model
 from gps_ds.rules import classify

@@ -27,7 +27,7 @@ MIN_EMPTY_SHARDS = 20
 MAX_FAILED_SAMPLES = 10_000
 
 
-class NoDataError(RuntimeError):
+class NoDataError(ValueError, RuntimeError):
     """No readable sample in the training shards."""
 
 

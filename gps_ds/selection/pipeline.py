@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from gps_ds.count import check_k
 from gps_ds.rules import ParamRoles, classify
+from gps_ds.seeding import seed_everything
 from gps_ds.selection.losses import make_score_loss
 from gps_ds.selection.maskfile import param_fingerprint, save_mask, save_scores, selection_stats
 from gps_ds.selection.schemes import SCHEMES, select
@@ -86,7 +87,7 @@ def select_from_config(cfg, out: str, scores_out: str | None = None, show_progre
 
     if scores_out is not None and not needs_data(cfg.gps.scheme):
         raise ValueError(f"--save-scores: gps.scheme '{cfg.gps.scheme}' computes no gradient scores")
-    torch.manual_seed(cfg.gps.seed)
+    seed_everything(cfg.gps.seed)
     model = create_model_from_config(cfg)
     roles = classify(model, cfg.model.family, cfg.gps.rules)
     batches = None
@@ -166,7 +167,7 @@ def select_from_config_zero(cfg, out: str, scores_out: str | None = None, show_p
     if scores_out is not None and not needs_data(cfg.gps.scheme):
         raise ValueError(f"--save-scores: gps.scheme '{cfg.gps.scheme}' computes no gradient scores")
     rank, world = init_distributed()
-    torch.manual_seed(cfg.gps.seed)
+    seed_everything(cfg.gps.seed)
     model = create_model_from_config(cfg)
     roles = classify(model, cfg.model.family, cfg.gps.rules)
     candidates = list(roles.candidates)

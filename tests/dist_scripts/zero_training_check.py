@@ -1,0 +1,264 @@
+"""Launched by tests/test_zero_training_dist.py under `deepspeed --num_gpus N` (CPU ranks, gloo).
+
+Part 1, masked mode: for every requested set-up (ZeRO 0/1/2/3 fp32, stage 0 bf16) a fresh timm
+`test_vit` (img 32, 3 classes, seed 0) with a fixed random selection (K=2), AdamW (wd 0.05),
+the trainer's wiring (MaskedGradients.attach + ZeroMaskedHook), NB steps on seeded batches
+(each rank its half of every global batch); then the weights are gathered and compared with
+the initial ones on rank 0.
+
+Part 2, sparse mode under ZeRO-3: same model in sparse mode, NB steps, evaluation on an
+uneven split of a fixed eval set, the delta extracted through the trainer's
+`gathered_delta`; rank 0 compares with a single-process run on the global batches.
+
+Rank 0 writes the numbers to --out (JSON); the test asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from gps_ds.delta import load_delta, save_delta  # noqa: E402
+from gps_ds.distributed import init_distributed  # noqa: E402
+from gps_ds.engine import gathered_delta  # noqa: E402
+from gps_ds.evaluation import evaluate  # noqa: E402
+from gps_ds.methods import prepare_model  # noqa: E402
+from gps_ds.models import create_model  # noqa: E402
+from gps_ds.optim import build_optimizer  # noqa: E402
+from gps_ds.rules import classify  # noqa: E402
+from gps_ds.sparse.masked import selection_mask  # noqa: E402
+from gps_ds.sparse.zero_hook import (  # noqa: E402
+    ZeroMaskedHook,
+    check_masked_supported,
+    masked_needs_engine_hook,
+)
+
+NB, B, IMG, CLASSES, K = 3, 8, 32, 3, 2
+TRAIN = SimpleNamespace(optimizer="adamw", lr=0.01, weight_decay=0.05, momentum=0.9)
+SETUPS = {
+    "0": {"zero_optimization": {"stage": 0}},
+    "1": {"zero_optimization": {"stage": 1}},
+    "2": {"zero_optimization": {"stage": 2}},
+    "bf16_0": {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}},
+    "3": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+}
+
+
+def build_model():
+    torch.manual_seed(0)
+    return create_model("test_vit", CLASSES, img_size=IMG)
+
+
+def fixed_selection(model):
+    roles = classify(model)
+    g = torch.Generator().manual_seed(7)
+    params = dict(model.named_parameters())
+    sel = {}
+    for n in roles.candidates:
+        p = params[n]
+        rows, fan_in = p.shape[0], p[0].numel()
+        sel[n] = torch.stack([torch.randperm(fan_in, generator=g)[:K].sort().values for _ in range(rows)])
+    return roles, sel
+
+
+def make_batches():
+    g = torch.Generator().manual_seed(1234)
+    return [(torch.randn(B, 3, IMG, IMG, generator=g), torch.randint(0, CLASSES, (B,), generator=g))
+            for _ in range(NB)]
+
+
+def local(batch, rank, world):
+    x, y = batch
+    n = x.shape[0] // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def ds_config(extra):
+    cfg = {"train_micro_batch_size_per_gpu": B // dist.get_world_size(), "gradient_accumulation_steps": 1,
+           "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    cfg.update(json.loads(json.dumps(extra)))
+    return cfg
+
+
+def gathered_state(model):
+    import deepspeed
+
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def masked_run(name, rank, world, batches):
+    import deepspeed
+
+    cfg = ds_config(SETUPS[name])
+    model = build_model()
+    roles, sel = fixed_selection(model)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prepared = prepare_model(model, roles, "gps", sel, "masked")
+    opt = build_optimizer(model, TRAIN)
+    check_masked_supported(cfg)
+    hooked = masked_needs_engine_hook(cfg)
+    prepared.masked.attach(opt, mask_on_backward=not hooked)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=trainable, config=cfg)
+    hook = ZeroMaskedHook(engine, prepared.masked, model) if hooked else None
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    losses = []
+    t0 = time.perf_counter()
+    for batch in batches:
+        x, y = local(batch, rank, world)
+        loss = nn.functional.cross_entropy(engine(x.to(dtype)).float(), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    seconds = time.perf_counter() - t0
+    after = gathered_state(model)
+    counts = torch.tensor([hook.frozen_entries if hook else -1, hook.selected_entries if hook else -1])
+    dist.all_reduce(counts)
+    entry = None
+    if rank == 0:
+        frozen_equal = selected_moved = selected_total = frozen_total = 0
+        bad = []
+        for n, idx in sel.items():
+            keep = selection_mask(init[n].shape, idx)
+            a, b0 = after[n], init[n].to(after[n].dtype)
+            same = a == b0
+            if not torch.equal(a[~keep], b0[~keep]):
+                bad.append(n)
+            frozen_equal += int(same[~keep].sum())
+            frozen_total += int((~keep).sum())
+            selected_moved += int((~same[keep]).sum())
+            selected_total += int(keep.sum())
+        others = [n for n in init if n not in sel and n not in prepared.whole]
+        entry = {
+            "frozen_bit_identical": not bad, "bad": bad[:5], "frozen_equal": frozen_equal, "frozen_total": frozen_total,
+            "selected_moved": selected_moved, "selected_total": selected_total,
+            "untrained_equal": all(torch.equal(after[n], init[n].to(after[n].dtype)) for n in others),
+            "head_moved": all(not torch.equal(after[n], init[n].to(after[n].dtype)) for n in roles.head),
+            "hook_frozen_entries_all_ranks": int(counts[0]), "hook_selected_entries_all_ranks": int(counts[1]),
+            "optimizer": type(engine.optimizer).__name__, "losses": losses, "seconds": round(seconds, 2),
+        }
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    del engine, opt
+    dist.barrier()
+    return entry
+
+
+def eval_split(rank):
+    g = torch.Generator().manual_seed(99)
+    x, y = torch.randn(20, 3, IMG, IMG, generator=g), torch.randint(0, CLASSES, (20,), generator=g)
+    # Uneven shares (12 / 8) in batches of different sizes: the reduction must still be exact.
+    share = [(x[:7], y[:7]), (x[7:12], y[7:12])] if rank == 0 else [(x[12:20], y[12:20])]
+    return (x, y), share
+
+
+def reference_sparse(batches, eval_all):
+    model = build_model()
+    roles, sel = fixed_selection(model)
+    prepared = prepare_model(model, roles, "gps", sel, "sparse")
+    opt = build_optimizer(model, TRAIN)
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        x, y = eval_all
+        top1 = 100.0 * float((model(x).argmax(1) == y).sum()) / y.numel()
+    from gps_ds.delta import extract_delta
+
+    return extract_delta(model, prepared.whole, None, {}), top1
+
+
+def sparse_zero3(rank, world, batches, tmp):
+    import deepspeed
+
+    cfg = ds_config(SETUPS["3"])
+    model = build_model()
+    roles, sel = fixed_selection(model)
+    prepared = prepare_model(model, roles, "gps", sel, "sparse")
+    opt = build_optimizer(model, TRAIN)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=trainable, config=cfg)
+    t0 = time.perf_counter()
+    for batch in batches:
+        x, y = local(batch, rank, world)
+        loss = nn.functional.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+    seconds = time.perf_counter() - t0
+    bases = [m.weight for m in model.modules() if hasattr(m, "gps_values")]
+    bases_partitioned = all(getattr(p, "ds_status", None) is not None and p.ds_status.name == "NOT_AVAILABLE"
+                            and p.numel() == 0 and not p.requires_grad for p in bases)
+    eval_all, share = eval_split(rank)
+    res = evaluate(engine.module, share, torch.device("cpu"), torch.float32)
+    delta = gathered_delta(engine.module, prepared, {"model": "test_vit"}, rank)
+    path = os.path.join(tmp, "delta_zero3.safetensors")
+    if rank == 0:
+        save_delta(path, delta)
+    dist.barrier()
+    entry = None
+    if rank == 0:
+        ref, ref_top1 = reference_sparse(batches, eval_all)
+        saved = load_delta(path)
+        shapes_ok = (set(saved.selected) == set(ref.selected) and set(saved.whole) == set(ref.whole)
+                     and all(saved.selected[n][1].shape == ref.selected[n][1].shape for n in ref.selected)
+                     and all(saved.whole[n].shape == ref.whole[n].shape for n in ref.whole)
+                     and all(t.numel() > 0 for t in saved.whole.values()))
+        idx_equal = all(torch.equal(saved.selected[n][0], ref.selected[n][0]) for n in ref.selected)
+        err = 0.0
+        for n in ref.selected:
+            err = max(err, float((saved.selected[n][1] - ref.selected[n][1]).abs().max()))
+        for n in ref.whole:
+            err = max(err, float((saved.whole[n] - ref.whole[n]).abs().max()))
+        entry = {"shapes_full": shapes_ok, "indices_equal": idx_equal, "max_abs_err": err,
+                 "n_selected": len(ref.selected), "n_whole": len(ref.whole),
+                 "whole_shapes": {n: list(t.shape) for n, t in saved.whole.items() if "head" in n},
+                 "bases_partitioned_after_training": bases_partitioned, "top1": res.top1, "eval_count": res.count,
+                 "ref_top1": ref_top1, "seconds": round(seconds, 2)}
+    dist.barrier()
+    return entry
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--setups", default="1,2,bf16_0,3")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sparse", action="store_true")
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    rank, world = init_distributed()
+    torch.set_num_threads(1)
+    batches = make_batches()
+    report = {"world": world, "masked": {}}
+    for name in [s for s in args.setups.split(",") if s]:
+        report["masked"][name] = masked_run(name, rank, world, batches)
+        if rank == 0:
+            print(f"[zero_training_check] masked {name}: {json.dumps(report['masked'][name])}", flush=True)
+    if args.sparse:
+        report["sparse_zero3"] = sparse_zero3(rank, world, batches, os.path.dirname(os.path.abspath(args.out)))
+        if rank == 0:
+            print(f"[zero_training_check] sparse zero3: {json.dumps(report['sparse_zero3'])}", flush=True)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
