@@ -34,13 +34,6 @@ class ModelConfig(_Section):
     family: Literal["auto", "vit", "swin", "convnext", "sam", "generic"] = "auto"
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("checkpoint")
-    @classmethod
-    def _checkpoint_exists(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_file():
-            raise ValueError(f"file not found: {v}")
-        return v
-
 
 class RuleOverrides(_Section):
     """fnmatch patterns on parameter names; checked in the order frozen, whole, candidate."""

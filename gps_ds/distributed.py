@@ -24,6 +24,8 @@ def quiet_deepspeed_stdout() -> None:
     import logging
     import sys
 
+    if "deepspeed" not in sys.modules:  # imported later under redirect_stdout, it picks stderr itself
+        return
     from deepspeed.utils import logger
 
     for handler in logger.handlers:

@@ -31,3 +31,10 @@ def test_fgvc_recipes_match_reference():
     for name, (lr, k) in expect.items():
         cfg = validate_config(json.loads(fgvc[name].read_text()))
         assert (cfg.train.lr, cfg.gps.k) == (lr, k), name
+
+
+def test_demo_config_matches_the_demo_backbone():
+    from gps_ds.demo import BACKBONE
+
+    cfg = validate_config(json.loads(next(p for p in CONFIGS if p.name == "demo.json").read_text()))
+    assert (cfg.model.name, cfg.model.img_size, cfg.model.kwargs) == (BACKBONE["name"], BACKBONE["img_size"], BACKBONE["kwargs"])

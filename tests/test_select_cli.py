@@ -58,6 +58,7 @@ def test_bad_input_is_one_line(cfg_path, tmp_path, capsys):
         (["--set", "gps.scheme=random-neuron", "--save-scores", str(tmp_path / "s")], "computes no gradient scores"),
         (["--set", f"data.train={tmp_path}"], "has no _info.json"),
         (["--set", "gps.loss=ce", "--set", "model.name=nope_net"], "unknown model.name 'nope_net'"),
+        (["--set", "model.checkpoint=/no/such.safetensors"], "model.checkpoint: file not found: /no/such.safetensors"),
     ]
     for extra, message in cases:
         assert run(["select", "--config", str(cfg_path), "--out", str(out), "--quiet", *extra]) == 2

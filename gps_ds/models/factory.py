@@ -40,6 +40,10 @@ def create_model(
     if pretrained and checkpoint is None and device != "meta":
         _check_hub_reachable(name if not isinstance(pretrained, str) else f"{name}.{pretrained}")
     if checkpoint is not None:
+        from pathlib import Path
+
+        if not Path(checkpoint).is_file():
+            raise ModelError(f"model.checkpoint: file not found: {checkpoint}")
         extra["pretrained_cfg_overlay"] = dict(file=checkpoint)
     if isinstance(pretrained, str):
         name = f"{name}.{pretrained}"

@@ -93,7 +93,7 @@ class IndexPlan:
         )
 
     def cached(self, name, make):
-        """Memoise a derived table (CSR layout, per-offset grouping, ...) on this plan."""
+        """Memoise a derived table (CSR layout, conv index tables, ...) on this plan."""
         if name not in self._extra:
             self._extra[name] = make()
         return self._extra[name]

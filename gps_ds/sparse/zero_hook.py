@@ -23,8 +23,10 @@ DeepSpeed internals relied on (DeepSpeed 0.19):
   ``param._hp_mapping.hp_fragment_address`` (offset/numel in that partition) and
   ``lp_fragment_address`` (offset in the flattened parameter); ``_hp_mapping is None`` when
   this rank holds no part of the parameter.
-* stage 0 + bf16 (``BF16_Optimizer``): ``bf16_groups[i]``, ``fp32_groups_flat_partition[i]``,
-  same ``_hp_mapping``.
+* stage 0 + bf16: DeepSpeed 0.19 wraps the client optimizer in ``FP16_UnfusedOptimizer``
+  (``fp16_groups[i]`` / ``fp32_groups[i]``: one fp32 master copy per parameter, same shape, the
+  inner optimizer's group ``params``); with ``BF16_Optimizer`` (``bf16_groups[i]``,
+  ``fp32_groups_flat_partition[i]``, same ``_hp_mapping`` as ZeRO-1/2).
 * ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): ``fp16_groups[j]`` (params of sub-group j) and
   ``fp32_partitioned_groups_flat[j]``, which is the params' ``ds_tensor`` partitions
   (``partition_numel()`` each, padded) concatenated in order; this rank's partition of a param
@@ -65,6 +67,10 @@ def _flat_groups(engine) -> tuple[list[tuple[list[nn.Parameter], Tensor]], str]:
         return list(zip(opt.bit16_groups, opt.single_partition_of_fp32_groups)), "hp"
     if kind == "BF16_Optimizer":
         return list(zip(opt.bf16_groups, opt.fp32_groups_flat_partition)), "hp"
+    if kind == "FP16_UnfusedOptimizer" and hasattr(opt, "fp32_groups"):
+        # bf16 at stage 0 (DeepSpeed 0.19): one fp32 master copy per parameter, same shape.
+        pairs = [([p16], p32) for g16, g32 in zip(opt.fp16_groups, opt.fp32_groups) for p16, p32 in zip(g16, g32)]
+        return pairs, "whole"
     raise MaskedZeroError(f"masked mode: no engine hook for ZeRO stage {stage} with {kind}")
 
 
@@ -97,6 +103,8 @@ class ZeroMaskedHook:
                     numel = max(0, min(pn, int(p.ds_numel) - start))
                     flat_start, lp_start = offset, start
                     offset += pn
+                elif layout == "whole":
+                    flat_start, lp_start, numel = 0, 0, p.numel()
                 else:
                     hm = getattr(p, "_hp_mapping", None)
                     if hm is None:
@@ -113,6 +121,7 @@ class ZeroMaskedHook:
                 frozen.narrow(0, flat_start, numel).copy_(~keep)
                 self.selected_entries += int(keep.sum())
             if frozen is not None:
+                frozen = frozen.view(flat.shape)
                 self.frozen_entries += int(frozen.sum())
             self._frozen[id(flat)] = (flat, frozen)
         self._handle = inner.register_step_pre_hook(self._pre_step)

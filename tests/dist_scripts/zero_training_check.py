@@ -222,12 +222,11 @@ def sparse_zero3(rank, world, batches, tmp):
                      and all(saved.whole[n].shape == ref.whole[n].shape for n in ref.whole)
                      and all(t.numel() > 0 for t in saved.whole.values()))
         idx_equal = all(torch.equal(saved.selected[n][0], ref.selected[n][0]) for n in ref.selected)
-        err = 0.0
-        for n in ref.selected:
-            err = max(err, float((saved.selected[n][1] - ref.selected[n][1]).abs().max()))
-        for n in ref.whole:
-            err = max(err, float((saved.whole[n] - ref.whole[n]).abs().max()))
-        entry = {"shapes_full": shapes_ok, "indices_equal": idx_equal, "max_abs_err": err,
+        errs = {n: float((saved.selected[n][1] - ref.selected[n][1]).abs().max()) for n in ref.selected}
+        errs.update({n: float((saved.whole[n] - ref.whole[n]).abs().max()) for n in ref.whole})
+        err = max(errs.values())
+        worst = sorted(errs.items(), key=lambda kv: -kv[1])[:6]
+        entry = {"shapes_full": shapes_ok, "indices_equal": idx_equal, "max_abs_err": err, "worst": worst,
                  "n_selected": len(ref.selected), "n_whole": len(ref.whole),
                  "whole_shapes": {n: list(t.shape) for n, t in saved.whole.items() if "head" in n},
                  "bases_partitioned_after_training": bases_partitioned, "top1": res.top1, "eval_count": res.count,
