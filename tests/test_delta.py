@@ -72,3 +72,17 @@ def test_corrupt_and_foreign_files(tmp_path):
         load_delta(tmp_path / "plain.safetensors")
     with pytest.raises(DeltaError, match="not found"):
         load_delta(tmp_path / "missing.safetensors")
+
+
+def test_eval_refuses_a_delta_of_another_model(tmp_path, capsys):
+    import json
+
+    from gps_ds.cli import run
+
+    save_delta(tmp_path / "d.safetensors", Delta({}, {"head.bias": torch.zeros(10)},
+                                                 meta={"model": "convnext_tiny", "fingerprint": "0123456789abcdef"}))
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": {"name": "test_vit", "num_classes": 10}}))
+    assert run(["eval", "--config", str(cfg), "--delta", str(tmp_path / "d.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "trained on model 'convnext_tiny'" in err and "test_vit" in err

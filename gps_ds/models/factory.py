@@ -28,6 +28,7 @@ def create_model(
     (.safetensors or .pth, loaded with weights_only) whose head and position embedding timm adapts.
     `device="meta"` builds shapes only (for counting)."""
     import timm
+    from safetensors import SafetensorError
 
     if not timm.is_model(name):
         raise ModelError(f"unknown model.name '{name}' (not a timm model)")
@@ -51,7 +52,7 @@ def create_model(
     try:
         with ctx:
             return timm.create_model(name, pretrained=use_weights and device != "meta", num_classes=num_classes, **extra)
-    except (RuntimeError, OSError, ValueError) as err:
+    except (RuntimeError, OSError, ValueError, SafetensorError) as err:
         what = f"model.checkpoint {checkpoint}" if checkpoint else f"weights for '{name}'"
         raise ModelError(f"cannot load {what}: {str(err).splitlines()[0]}") from None
 
