@@ -16,6 +16,11 @@ Frozen entries therefore see a zero gradient from the first step, their Adam mom
 their update is exactly 0 and they stay bit-identical (also in the bf16 model copy: the fp32
 master entry never changes, so its bf16 cast does not either).
 
+Known difference from stage 0 fp32 (where MaskedGradients masks at backward): DeepSpeed's
+gradient clipping (``gradient_clipping``, 1.0 by default in 0.19) measures the global norm
+before this hook runs, so the norm includes the non-selected gradients; this scales the
+selected updates differently but never moves a frozen entry.
+
 DeepSpeed internals relied on (DeepSpeed 0.19):
 
 * ZeRO-1/2 (``DeepSpeedZeroOptimizer``): ``bit16_groups[i]`` (params of flat group i) and
