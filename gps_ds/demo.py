@@ -30,7 +30,7 @@ def _base_config(root: Path, shards: str, method: str, out: str, epochs: int, lr
         "gps": {"k": 1, "loss": "supcon", "max_batches": 12},
         "train": {"method": method, "epochs": epochs, "optimizer": "adam", "lr": lr, "warmup_epochs": 1,
                   "min_lr": 1e-6, "seed": 0},
-        "deepspeed": {"train_micro_batch_size_per_gpu": 64},
+        "deepspeed": {"train_micro_batch_size_per_gpu": 64, "gradient_clipping": 1.0},
         "tracking": {"uri": f"sqlite:///{(root / 'mlflow.db').resolve()}", "experiment": "gps-ds-demo",
                      "run_name": out.replace("/", "-")},
         "output": {"dir": str(root / out), "overwrite": True},
