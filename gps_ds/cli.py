@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (results go to docs/BENCHMARKS.md)")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     add_bench_data_arguments(bsub.add_parser("data", help="data-loader throughput next to the decode-only limit"))
+    from gps_ds.bench.cli import add_bench_select_arguments, add_bench_train_arguments
+
+    add_bench_train_arguments(bsub.add_parser("train", help="step time, peak memory, trainable state per method"))
+    add_bench_select_arguments(bsub.add_parser("select", help="top-K and scoring-pass cost vs full fine-tuning"))
 
     p = sub.add_parser("demo", help="offline demo: pre-train on MNIST, fine-tune on 8x8 digits with 4 methods")
     p.add_argument("--out", default="runs/demo")

@@ -1,0 +1,88 @@
+"""Arguments of `gps-ds bench train` and `gps-ds bench select` (mounted in gps_ds/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def _emit(text: str) -> None:
+    print(text, flush=True)
+
+
+def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from gps_ds.bench.train import METHODS
+
+    parser.add_argument("--model", required=True, help="timm model name (built without weights)")
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--k", type=int, default=1, help="connections kept per neuron for gps-*")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=1, help="processes per method, order rotated per round")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {','.join(METHODS)}")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--img-size", type=int, help="model and input size (default: the model's own, input 224)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--write", metavar="MD", help="rewrite this run's section of a results file, e.g. docs/BENCHMARKS.md")
+    parser.set_defaults(func=run_bench_train)
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    from gps_ds.bench.report import machine_lines, write_section
+    from gps_ds.bench.train import bench_train, format_table
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = bench_train(args.model, args.batch, args.k, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                         methods=methods, threads=args.threads, device=args.device, num_classes=args.num_classes,
+                         img_size=args.img_size)
+    table = format_table(result)
+    if args.write:
+        title = f"Training step: {args.model}, batch {args.batch}, K={args.k} ({args.device})"
+        body = (f"`gps-ds bench train --model {args.model} --batch {args.batch} --k {args.k} --steps {args.steps} "
+                f"--rounds {args.rounds}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+                f"{machine_lines(result['machine'])}\n* memory: {result['memory_kind']}; trainable state = "
+                f"trainable parameters + gradients + AdamW moments\n\n{table}\n")
+        write_section(args.write, f"train:{args.model}:b{args.batch}:k{args.k}:{args.device}", title, body)
+    if args.json:
+        _emit(json.dumps(result, sort_keys=True))
+    else:
+        m = result["machine"]
+        _emit(f"{args.model}, batch {args.batch}, K={args.k}, {m['threads']} threads, load {m['load_average_after']}")
+        _emit(table)
+    return 0
+
+
+def add_bench_select_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8, help="batch of the scoring / full steps")
+    parser.add_argument("--steps", type=int, default=3, help="scoring batches = full fine-tuning steps")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="top-K repeats")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--img-size", type=int)
+    parser.add_argument("--no-scoring", action="store_true", help="time the top-K only")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write", metavar="MD")
+    parser.set_defaults(func=run_bench_select)
+
+
+def run_bench_select(args: argparse.Namespace) -> int:
+    from gps_ds.bench.report import machine_lines, write_section
+    from gps_ds.bench.select import bench_select, format_table
+
+    result = bench_select(args.model, args.k, batch=args.batch, steps=args.steps, rounds=args.rounds,
+                          repeats=args.repeats, threads=args.threads, num_classes=args.num_classes,
+                          img_size=args.img_size, scoring=not args.no_scoring)
+    table = format_table(result)
+    if args.write:
+        body = (f"`gps-ds bench select --model {args.model} --k {args.k} --batch {args.batch} --steps {args.steps}` "
+                f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n{machine_lines(result['machine'])}\n"
+                f"* wall clock, median over rounds\n\n{table}\n")
+        write_section(args.write, f"select:{args.model}:k{args.k}", f"Selection: {args.model}, K={args.k}", body)
+    _emit(json.dumps(result, sort_keys=True) if args.json else table)
+    return 0

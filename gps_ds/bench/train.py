@@ -1,0 +1,287 @@
+"""`gps-ds bench train`: step time, peak memory and trainable-state bytes per fine-tuning method.
+
+Each method runs in its own subprocess (``python -m gps_ds.bench.train --worker SPEC``) so peak
+memory is per method; with several rounds the method order rotates every round, so slow drift of
+a shared machine hits all methods alike. Step = forward + backward + optimizer step (AdamW) on
+random inputs and labels, timed after warm-up steps; the median over all timed steps of all
+rounds is reported, as wall clock and as process CPU time (the latter is steadier on a loaded
+machine, see docs/sparse-kernels.md).
+
+Methods:
+  full        every parameter
+  linear      head only
+  bitfit      biases + head
+  lora        PEFT LoRA r=8 (alpha 16) on attn.qkv / attn.proj / mlp.fc1 / mlp.fc2, + head
+  gps-masked  GPS, random K per row, dense weights with masked gradients (MaskedGradients)
+  gps-sparse  GPS, random K per row, sparse modules (apply_sparse)
+  frozen      nothing trainable; the input requires grad so the backward still runs through
+              every layer (a lower bound for any method that trains something in the first layer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+METHODS = ("full", "linear", "bitfit", "lora", "gps-masked", "gps-sparse", "frozen")
+LORA_TARGETS = r"^(?!patch_embed).*\.(qkv|proj|fc1|fc2)$"
+ADAM_COPIES = 4  # parameter + gradient + two Adam moments
+
+
+class BenchError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- worker (one method)
+
+def _prepare(model, method: str, k: int, seed: int):
+    """Set up `model` for `method`; returns (optimizer-attach callback or None, selected count)."""
+    import torch
+
+    from gps_ds.methods import prepare_model
+    from gps_ds.rules import classify
+
+    roles = classify(model)
+    if method in ("full", "linear", "bitfit"):
+        prepare_model(model, roles, method)
+        return None, 0
+    if method == "frozen":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return None, 0
+    if method == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        model = inject_adapter_in_model(cfg, model)
+        head = set(roles.head)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n or n in head)
+        return None, 0
+    if method in ("gps-masked", "gps-sparse"):
+        from gps_ds.sparse.testing import random_selection
+
+        cands = set(roles.candidates)
+        selection = {n: idx for n, idx in random_selection(model, k, seed=seed).items() if n in cands}
+        prepared = prepare_model(model, roles, "gps", selection, mode=method.split("-")[1])
+        selected = sum(int((idx >= 0).sum()) for idx in selection.values())
+        attach = prepared.masked.attach if prepared.masked is not None else None
+        return attach, selected
+    raise BenchError(f"unknown method '{method}' (expected one of: {', '.join(METHODS)})")
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def trainable_state_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes of trainable parameters, their gradients and their optimizer state (scalar `step` excluded)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    pb = sum(_tensor_bytes(p) for p in params)
+    gb = sum(_tensor_bytes(p.grad) for p in params if p.grad is not None)
+    sb = 0
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            sb += sum(_tensor_bytes(v) for v in state.values() if hasattr(v, "numel") and v.dim() > 0)
+    return {"params": pb, "grads": gb, "optimizer": sb, "total": pb + gb + sb}
+
+
+def run_method(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build the model, prepare `spec['method']`, run warm-up + timed steps; returns the measurements."""
+    import torch
+    import torch.nn.functional as F
+
+    from gps_ds.bench.common import proc_status_kib
+    from gps_ds.models import create_model
+
+    threads = spec.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    torch.manual_seed(spec.get("seed", 0))
+    import timm  # noqa: F401  (imports before the baseline: peak memory counts the model and the steps)
+
+    import gps_ds.sparse  # noqa: F401
+    if spec["method"] == "lora":
+        import peft  # noqa: F401
+    baseline_kib = proc_status_kib("VmRSS")
+    model = create_model(spec["model"], spec.get("num_classes", 1000), img_size=spec.get("img_size"))
+    method = spec["method"]
+    attach, selected = _prepare(model, method, int(spec.get("k", 1)), spec.get("seed", 0))
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05) if params else None
+    if optimizer is not None and attach is not None:
+        attach(optimizer)
+    size = int(spec.get("input_size") or 224)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(int(spec["batch"]), 3, size, size, generator=gen).to(device)
+    y = torch.randint(0, spec.get("num_classes", 1000), (int(spec["batch"]),), generator=gen).to(device)
+    if method == "frozen":
+        x.requires_grad_(True)
+
+    def step() -> None:
+        if x.grad is not None:
+            x.grad = None
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)  # keep grads allocated: they are part of the state
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    wall, cpu = [], []
+    warmup, steps = int(spec.get("warmup", 2)), int(spec.get("steps", 5))
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        t1, c1 = time.perf_counter(), time.process_time()
+        if i >= warmup:
+            wall.append(t1 - t0)
+            cpu.append(c1 - c0)
+    state = trainable_state_bytes(model, optimizer)
+    out = {
+        "method": method,
+        "trainable_params": sum(p.numel() for p in params),
+        "selected": selected,
+        "state_bytes": state,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "threads": torch.get_num_threads(),
+    }
+    if cuda:
+        out["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        out["memory_kind"] = "cuda max_memory_allocated"
+    else:
+        peak = proc_status_kib("VmHWM")
+        out["peak_bytes"] = max(0, peak - baseline_kib) * 1024
+        out["peak_rss_bytes"] = peak * 1024
+        out["memory_kind"] = "peak RSS (VmHWM) above the pre-model RSS"
+    return out
+
+
+# --------------------------------------------------------------------------- orchestration
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # freed tensors leave RSS
+    return env
+
+
+def _run_subprocess(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "gps_ds.bench.train", "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(), timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise BenchError(f"method {spec['method']} failed (exit {proc.returncode}): {tail[0]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise BenchError(f"method {spec['method']} printed no result")
+    return json.loads(lines[-1])
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: int = 2, rounds: int = 1,
+                methods: Sequence[str] = METHODS, threads: int | None = None, device: str = "cpu",
+                num_classes: int = 1000, img_size: int | None = None, seed: int = 0,
+                timeout: float | None = None) -> dict[str, Any]:
+    """Run every method in its own process (`rounds` times, order rotated per round); one result dict."""
+    from gps_ds.bench.common import machine
+
+    methods = list(dict.fromkeys(methods))
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise BenchError(f"unknown method '{bad[0]}' (expected one of: {', '.join(METHODS)})")
+    if not methods:
+        raise BenchError("no methods to run")
+    if steps < 1 or batch < 1 or rounds < 1 or k < 1:
+        raise BenchError("--steps, --batch, --rounds and --k must be >= 1")
+    threads = threads or os.cpu_count() or 1
+    base = dict(model=model, batch=batch, k=k, steps=steps, warmup=warmup, threads=threads, device=device,
+                num_classes=num_classes, img_size=img_size, input_size=img_size or 224, seed=seed)
+    load_before = machine(device)["load_average"]
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for r in range(rounds):
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        for m in order:
+            runs[m].append(_run_subprocess({**base, "method": m}, timeout))
+    results: dict[str, dict] = {}
+    for m in methods:
+        rs = runs[m]
+        wall = [t for r_ in rs for t in r_["wall_s"]]
+        cpu = [t for r_ in rs for t in r_["cpu_s"]]
+        results[m] = {
+            "step_s": statistics.median(wall),
+            "step_cpu_s": statistics.median(cpu),
+            "peak_bytes": int(statistics.median(r_["peak_bytes"] for r_ in rs)),
+            "state_bytes": rs[0]["state_bytes"]["total"],
+            "state_detail": rs[0]["state_bytes"],
+            "trainable_params": rs[0]["trainable_params"],
+            "selected": rs[0]["selected"],
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "peak_bytes_runs": [r_["peak_bytes"] for r_ in rs],
+        }
+    full = results.get("full")
+    for m, res in results.items():
+        res["ratio"] = {key: (_ratio(res[key], full[key]) if full else None)
+                        for key in ("step_s", "step_cpu_s", "peak_bytes", "state_bytes")}
+    mach = machine(device)
+    mach["threads"] = threads
+    mach["load_average_before"] = load_before
+    mach["load_average_after"] = mach.pop("load_average")
+    return {
+        "benchmark": "train",
+        "model": model, "batch": batch, "k": k, "steps": steps, "warmup": warmup, "rounds": rounds,
+        "input_size": img_size or 224, "num_classes": num_classes,
+        "memory_kind": runs[methods[0]][0]["memory_kind"],
+        "machine": mach,
+        "methods": methods,
+        "results": results,
+        "baseline": "full" if full else None,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown table, ratios vs full side by side."""
+    def r(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = ["| method | trainable params | step wall (ms) | x full | step CPU (ms) | x full | peak mem (MB) | x full "
+             "| trainable state (MB) | x full |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in result["methods"]:
+        res = result["results"][m]
+        q = res["ratio"]
+        lines.append(f"| {m} | {res['trainable_params']:,} | {1e3 * res['step_s']:.1f} | {r(q['step_s'])} "
+                     f"| {1e3 * res['step_cpu_s']:.1f} | {r(q['step_cpu_s'])} | {res['peak_bytes'] / 2**20:.0f} "
+                     f"| {r(q['peak_bytes'])} | {res['state_bytes'] / 2**20:.2f} | {r(q['state_bytes'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # worker entry
+    p = argparse.ArgumentParser(prog="python -m gps_ds.bench.train")
+    p.add_argument("--worker", required=True, help="JSON spec of one method run")
+    args = p.parse_args(argv)
+    print(json.dumps(run_method(json.loads(args.worker))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

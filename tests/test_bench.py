@@ -1,0 +1,119 @@
+"""`gps-ds bench train` / `bench select` harness on a tiny model: structure and byte counts, no timing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.nn as nn
+
+from gps_ds.cli import run
+
+MODEL = "test_vit"
+ARGS = ["--model", MODEL, "--img-size", "32", "--num-classes", "10", "--batch", "2", "--steps", "2", "--warmup", "1",
+        "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def train_result(tmp_path_factory):
+    import io
+    from contextlib import redirect_stdout
+
+    md = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = run(["bench", "train", *ARGS, "--k", "1", "--methods", "full,linear,gps-sparse", "--json",
+                  "--write", str(md)])
+    assert rc == 0
+    out = buf.getvalue().strip().splitlines()
+    assert len(out) == 1, "--json prints one line"
+    return json.loads(out[0]), md
+
+
+def _expected_sparse_bytes(k: int) -> int:
+    """Independent count: K values per row of every Linear/Conv2d weight but the head, plus every
+    bias of those layers and the head weight; each x (param + grad + 2 Adam moments) x 4 bytes."""
+    from gps_ds.models import create_model
+
+    model = create_model(MODEL, 10, img_size=32)
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            if name == "head":
+                n += mod.weight.numel()
+            else:
+                n += mod.weight.shape[0] * min(k, mod.weight[0].numel())
+            if mod.bias is not None:
+                n += mod.bias.numel()
+    return n * 4 * 4
+
+
+def test_train_json_structure(train_result):
+    result, _ = train_result
+    assert result["benchmark"] == "train"
+    assert result["methods"] == ["full", "linear", "gps-sparse"]
+    assert result["baseline"] == "full"
+    for key in ("cpu", "cores", "torch", "threads", "load_average_before", "load_average_after"):
+        assert key in result["machine"]
+    for m in result["methods"]:
+        res = result["results"][m]
+        assert len(res["wall_s"]) == 2 and len(res["cpu_s"]) == 2
+        assert res["step_s"] > 0 and res["peak_bytes"] >= 0
+        assert set(res["ratio"]) == {"step_s", "step_cpu_s", "peak_bytes", "state_bytes"}
+        d = res["state_detail"]
+        assert d["total"] == d["params"] + d["grads"] + d["optimizer"] == res["state_bytes"]
+
+
+def test_ratios_against_full(train_result):
+    result, _ = train_result
+    full = result["results"]["full"]
+    for m in result["methods"]:
+        res = result["results"][m]
+        for key, ratio in res["ratio"].items():
+            assert ratio == pytest.approx(res[key] / full[key]) if full[key] else ratio is None
+    assert all(v == pytest.approx(1.0) for v in full["ratio"].values() if v is not None)
+
+
+def test_state_bytes(train_result):
+    result, _ = train_result
+    res = result["results"]
+    assert res["gps-sparse"]["state_bytes"] == _expected_sparse_bytes(1)
+    assert res["gps-sparse"]["state_bytes"] < 0.1 * res["full"]["state_bytes"]
+    from gps_ds.models import create_model
+
+    model = create_model(MODEL, 10, img_size=32)
+    total = sum(p.numel() for p in model.parameters())
+    assert res["full"]["state_bytes"] == total * 4 * 4
+    assert res["full"]["trainable_params"] == total
+    head = model.head.weight.numel() + model.head.bias.numel()
+    assert res["linear"]["trainable_params"] == head
+    assert res["linear"]["state_bytes"] == head * 4 * 4
+
+
+def test_write_section(train_result):
+    from gps_ds.bench.report import write_section
+
+    _, md = train_result
+    text = md.read_text()
+    assert "| gps-sparse |" in text and "torch" in text and "load average" in text
+    key = f"train:{MODEL}:b2:k1:cpu"
+    assert text.count(f"<!-- bench:{key} -->") == 1
+    write_section(md, key, "replaced", "body")
+    write_section(md, "other", "other", "x")
+    text = md.read_text()
+    assert text.count(f"<!-- bench:{key} -->") == 1 and "| gps-sparse |" not in text and "## other" in text
+
+
+def test_unknown_method_is_user_error(capsys):
+    assert run(["bench", "train", *ARGS, "--methods", "full,nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_bench_select(capsys):
+    rc = run(["bench", "select", "--model", MODEL, "--img-size", "32", "--num-classes", "10", "--batch", "2",
+              "--steps", "1", "--rounds", "1", "--repeats", "1", "--threads", "1", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip())
+    assert out["topk"]["k"] == 1 and out["topk"]["tensors"] > 0
+    s = out["scoring"]
+    assert s["ratio"] == pytest.approx(s["scoring_s"] / s["full_steps_s"])
