@@ -36,7 +36,7 @@ NODE = "localhost"
 INSTALL_TIMEOUT_S = 300  # apt-get install of four packages
 START_TIMEOUT_S = 60  # daemons up and the node idle
 WARM_TIMEOUT_S = 360  # DeepSpeed's CPU all-reduce op, compiled once per machine (cached afterwards)
-JOB_TIMEOUT_S = 300  # the job itself (30-60 s once that op is compiled)
+JOB_TIMEOUT_S = 900  # the job itself: 30-60 s on a quiet machine, several minutes on a loaded one
 STOP_TIMEOUT_S = 15
 
 CLUSTER_TEST_TIMEOUT_S = INSTALL_TIMEOUT_S + START_TIMEOUT_S + WARM_TIMEOUT_S + JOB_TIMEOUT_S + 120
