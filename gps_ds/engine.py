@@ -99,15 +99,21 @@ class Trainer:
             order = [n for n, _ in self.model.named_parameters() if n in selection]
             return {n: selection[n].long() for n in order}
         from gps_ds.data.loaders import make_score_loader
-        from gps_ds.selection.pipeline import run_selection, write_selection
+        from gps_ds.selection.pipeline import run_selection, run_selection_zero, write_selection
 
         batches = make_score_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
                                     two_view=cfg.gps.loss == "supcon")
         bar = progress(total=cfg.gps.max_batches or len(batches), rank=self.rank, enabled=self.show_progress,
                        desc="scoring", unit="batch")
-        result = run_selection(self.model, self.roles, batches, scheme=cfg.gps.scheme, k=cfg.gps.k,
-                               loss=cfg.gps.loss, temperature=cfg.gps.temperature, seed=cfg.gps.seed,
-                               max_batches=cfg.gps.max_batches, progress=bar)
+        kwargs = dict(scheme=cfg.gps.scheme, k=cfg.gps.k, loss=cfg.gps.loss, temperature=cfg.gps.temperature,
+                      seed=cfg.gps.seed, max_batches=cfg.gps.max_batches, progress=bar)
+        if self.world > 1:
+            # Every rank scores its own data share and they agree on one selection (per-shard top-K).
+            result = run_selection_zero(self.model, self.roles, batches, ds_config=self.ds_config, **kwargs)
+            if self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+                self._build()  # scoring left the parameters partitioned; start training from the same fresh model
+        else:
+            result = run_selection(self.model, self.roles, batches, **kwargs)
         bar.close()
         self.selection_seconds = result.seconds
         if self.rank == 0:
@@ -126,6 +132,7 @@ class Trainer:
         D.barrier()
         self.selection_seconds = 0.0
         ds_config = deepspeed_config(cfg, self.world)
+        self.ds_config = ds_config
         self.micro_batch = int(ds_config["train_micro_batch_size_per_gpu"])
         start = time.perf_counter()
         self._build()
