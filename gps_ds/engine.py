@@ -50,7 +50,6 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     ds.setdefault("zero_optimization", {"stage": 0})
     ds.setdefault("wall_clock_breakdown", False)
     ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed 0.19 would otherwise clip at 1.0 unasked
-    ds.pop("train_batch_size", None) if "train_micro_batch_size_per_gpu" in cfg.deepspeed else None
     return ds
 
 

@@ -10,47 +10,16 @@ and is killed as a group when it passes it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from dist_launch import DEADLINE_S, ROOT, launch
+
 SCRIPT = ROOT / "tests" / "dist_scripts" / "zero_scoring_check.py"
-DEADLINE_S = 900  # the first DeepSpeed start compiles a shm op; CPU shared with other jobs
 KS = ("1", "3")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(DEADLINE_S + 60)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world: int, args: list[str], log: Path) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus world ...` with a deadline; the whole process group dies on timeout."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               GPS_DS_COLLECTIVE_TIMEOUT="300")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-           "--master_port", str(_free_port()), *args]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"deepspeed --num_gpus {world} did not finish in {DEADLINE_S} s (hang?); log: {log}")
-    if rc != 0:
-        tail = log.read_text()[-4000:]
-        pytest.fail(f"deepspeed --num_gpus {world} exited with {rc}:\n{tail}")
-    return rc
 
 
 def run_check(world: int, stages: str, tmp: Path, extra: list[str]) -> dict:

@@ -13,45 +13,16 @@ Two launches in all, each in its own process group with a deadline:
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DEADLINE_S = 900  # the first DeepSpeed start compiles a shm op; CPU shared with other jobs
+from dist_launch import DEADLINE_S, ROOT, launch
+
 SCRIPT = ROOT / "tests" / "dist_scripts" / "zero_training_check.py"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(DEADLINE_S + 60)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world: int, args: list[str], log: Path) -> None:
-    """`deepspeed --num_gpus world ...` with a deadline; the whole process group dies on timeout."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               GPS_DS_COLLECTIVE_TIMEOUT="300")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-           "--master_port", str(_free_port()), *args]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"deepspeed --num_gpus {world} did not finish in {DEADLINE_S} s (hang?); log: {log}")
-    if rc != 0:
-        pytest.fail(f"deepspeed --num_gpus {world} exited with {rc}:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
