@@ -92,6 +92,9 @@ class OutputConfig(_Section):
     dir: str = "runs/default"
     overwrite: bool = False
     resume: bool = False
+    checkpoints: bool = True  # DeepSpeed checkpoints under <dir>/checkpoints at every epoch end
+    checkpoint_every_steps: int = Field(0, ge=0)  # also every N optimizer steps (0: epoch ends only)
+    keep_checkpoints: int = Field(2, ge=1)
 
 
 class Config(_Section):

@@ -77,3 +77,24 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank iff `flag` is true on every rank (one small all-reduce)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+_PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset by peer", "timed out", "timeout",
+                         "broken pipe", "nccl communicator was aborted")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective failed because another rank died or stopped answering."""
+    names = {c.__name__ for c in type(err).__mro__}
+    if names & {"DistBackendError", "DistNetworkError"}:
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _PEER_FAILURE_MARKERS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ import torch
 import torch.nn as nn
 
 from gps_ds import distributed as D
+from gps_ds.checkpoint import (RunIdentity, TrainState, check_identity, checkpoint_root,
+                               latest_tag, load_checkpoint, read_state, restore_rng, save_checkpoint,
+                               selection_sha256)
 from gps_ds.config import Config, config_to_dict
 from gps_ds.delta import extract_delta, save_delta
 from gps_ds.evaluation import TrainingError, evaluate
@@ -93,8 +97,7 @@ class Trainer:
             check_fits(selection, self.model)
             if int(meta.get("k", cfg.gps.k)) != cfg.gps.k and cfg.gps.mask is None:
                 raise ValueError(f"--resume: the run's mask has K={meta['k']}, the config asks for gps.k={cfg.gps.k}")
-            if source != mask_path and self.rank == 0:
-                shutil.copyfile(source, mask_path)
+            self._copy_mask_from = source if Path(source) != mask_path else None  # after the resume checks
             order = [n for n, _ in self.model.named_parameters() if n in selection]
             return {n: selection[n].long() for n in order}
         from gps_ds.data.loaders import make_score_loader
@@ -130,6 +133,7 @@ class Trainer:
             prepare_output_dir(self.out, resume=self.resume, overwrite=self.overwrite)
         D.barrier()
         self.selection_seconds = 0.0
+        self._copy_mask_from = None
         ds_config = deepspeed_config(cfg, self.world)
         self.ds_config = ds_config
         self.micro_batch = int(ds_config["train_micro_batch_size_per_gpu"])
@@ -153,6 +157,12 @@ class Trainer:
         from gps_ds.selection.pipeline import candidate_fingerprint
 
         self._fingerprint = candidate_fingerprint(self.model, self.roles)
+        self._identity = RunIdentity(world_size=self.world, method=cfg.train.method, mode=prepared.mode or "",
+                                     k=cfg.gps.k if cfg.train.method == "gps" else 0,
+                                     selection_sha256=selection_sha256(selection), fingerprint=self._fingerprint)
+        resume_tag = self._resume_point()
+        if self._copy_mask_from is not None and self.rank == 0:
+            shutil.copyfile(self._copy_mask_from, self.out / "mask.safetensors")
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, model_parameters=trainable,
                                                config=ds_config)
@@ -174,7 +184,8 @@ class Trainer:
         ema = _build_ema(engine.module, cfg.train.ema_decay)
 
         tracker = Tracker(enabled=cfg.tracking.enabled, rank=self.rank, output_dir=self.out, uri=cfg.tracking.uri,
-                          experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name or self.out.name)
+                          experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name or self.out.name,
+                          run_id=self._previous_run_id(resume_tag))
         self._write_run_marker(tracker, counts)
         tracker.log_params(config_to_dict(cfg))
         share = {f"trainable_{k}_percent": 100.0 * v / self.backbone_params for k, v in counts.items()}
@@ -187,18 +198,31 @@ class Trainer:
 
         dtype = model_dtype(engine)
         device = engine.device
-        best, history, step = None, [], 0
+        state = TrainState()
+        if resume_tag is not None:
+            state = self._restore(engine, resume_tag, ema, tracker)
+            scheduler.step_update(num_updates=state.step)
+        best, history, step = state.best, state.history, state.step
+        every = cfg.output.checkpoint_every_steps if cfg.output.checkpoints else 0
         try:
-            for epoch in range(cfg.train.epochs):
+            for epoch in range(state.epoch, cfg.train.epochs):
                 engine.train()
+                train_loader.set_epoch(epoch)
+                first = state.batch if epoch == state.epoch else 0
+                if resume_tag is not None and epoch == state.epoch:
+                    # The random states are put back once the stream has been wound to where the run stopped.
+                    tag = resume_tag
+                    train_loader.skip_next(first, then=lambda: restore_rng(self.out, tag, self.rank))
                 bar = progress(train_loader, rank=self.rank, enabled=self.show_progress, desc=f"epoch {epoch}",
-                               unit="batch")
-                for images, labels in bar:
+                               unit="batch", initial=first, total=len(train_loader))
+                for consumed, (images, labels) in enumerate(bar, start=first + 1):
                     images, labels = images.to(device, dtype), labels.to(device)
                     loss = criterion(engine(images).float(), labels)
                     value = loss.item()
-                    if not math.isfinite(value):
-                        raise TrainingError(f"loss is {value} at step {step} (epoch {epoch}); "
+                    # Every rank stops at the same step when any rank sees a non-finite loss.
+                    if not D.all_true(math.isfinite(value), device):
+                        seen = f"loss is {value}" if not math.isfinite(value) else "loss is not finite on another rank"
+                        raise TrainingError(f"{seen} at step {step} (epoch {epoch}); "
                                             f"the last good delta is kept in {self.out}")
                     engine.backward(loss)
                     engine.step()
@@ -208,21 +232,28 @@ class Trainer:
                         if ema is not None:
                             ema.update(engine.module, step=step)
                         tracker.log_metrics({"train_loss": value, "lr": optimizer.param_groups[0]["lr"]}, step)
-                if (epoch + 1) % cfg.train.eval_every and epoch + 1 != cfg.train.epochs:
-                    continue
-                metrics = self._evaluate_epoch(eval_loader, ema, device, dtype)
-                history.append({"epoch": epoch, **metrics})
-                tracker.log_metrics(metrics, step)
-                top1 = max(metrics["top1"], metrics.get("ema_top1", -1.0))
-                if best is None or top1 > best["top1"]:
-                    best = {"epoch": epoch, "top1": top1}
-                    self._save_delta("delta_best.safetensors", engine.module if metrics["top1"] >= top1 else ema.module)
-                self._save_delta("delta_last.safetensors", engine.module)
-                if self.rank == 0:
-                    with open(self.out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(history[-1]) + "\n")
-        except BaseException:
+                        if every and step % every == 0 and consumed < len(train_loader):
+                            self._checkpoint(TrainState(epoch, consumed, step, best, history), ema)
+                if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                    metrics = self._evaluate_epoch(eval_loader, ema, device, dtype)
+                    history.append({"epoch": epoch, **metrics})
+                    tracker.log_metrics(metrics, step)
+                    top1 = max(metrics["top1"], metrics.get("ema_top1", -1.0))
+                    if best is None or top1 > best["top1"]:
+                        best = {"epoch": epoch, "top1": top1}
+                        self._save_delta("delta_best.safetensors",
+                                         engine.module if metrics["top1"] >= top1 else ema.module)
+                    self._save_delta("delta_last.safetensors", engine.module)
+                    self._write_metrics(history)
+                if cfg.output.checkpoints:
+                    self._checkpoint(TrainState(epoch + 1, 0, step, best, history), ema)
+        except BaseException as err:
             tracker.end("FAILED")
+            if D.is_peer_failure(err):
+                tag = latest_tag(self.out) if cfg.output.checkpoints else None
+                where = f"; the last checkpoint is {checkpoint_root(self.out) / tag}, continue with --resume" if tag else ""
+                raise TrainingError(f"lost contact with another rank at step {step} ({str(err).splitlines()[0][:200]})"
+                                    f"{where}") from err
             raise
         summary = {
             "method": cfg.train.method, "best_top1": best["top1"] if best else None,
@@ -237,6 +268,47 @@ class Trainer:
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _resume_point(self) -> str | None:
+        """The checkpoint tag to continue from (checked against this run), or None."""
+        if not self.resume:
+            return None
+        tag = latest_tag(self.out)
+        if tag is None:
+            if self.rank == 0:
+                print(f"gps-ds train: {checkpoint_root(self.out)} holds no checkpoint; training restarts from "
+                      f"epoch 0 with the run's selection", file=sys.stderr)
+            return None
+        _, saved = read_state(self.out, tag)
+        check_identity(self._identity, saved, checkpoint_root(self.out) / tag)
+        return tag
+
+    def _restore(self, engine, tag: str, ema, tracker: Tracker) -> TrainState:
+        state, _ = read_state(self.out, tag)
+        load_checkpoint(engine, self.out, tag, self.rank, ema_module=ema.module if ema is not None else None)
+        self._write_metrics(state.history)  # drop epochs logged after the checkpoint; they run again
+        if self.rank == 0:
+            print(f"gps-ds train: resuming from {checkpoint_root(self.out) / tag} (epoch {state.epoch}, "
+                  f"batch {state.batch}, step {state.step})", file=sys.stderr)
+        return state
+
+    def _checkpoint(self, state: TrainState, ema) -> None:
+        save_checkpoint(self.engine, self.out, state, self._identity, self.rank,
+                        ema_module=ema.module if ema is not None else None, keep=self.cfg.output.keep_checkpoints)
+
+    def _previous_run_id(self, resume_tag: str | None) -> str | None:
+        marker = self.out / RUN_MARKER
+        if resume_tag is None or not marker.is_file():
+            return None
+        return json.loads(marker.read_text()).get("run_id")
+
+    def _write_metrics(self, history: list[dict]) -> None:
+        if self.rank == 0:
+            lines = "".join(json.dumps(h) + "\n" for h in history)
+            tmp = self.out / "metrics.jsonl.tmp"
+            tmp.write_text(lines)
+            tmp.replace(self.out / "metrics.jsonl")
 
     def _evaluate_epoch(self, loader, ema, device, dtype) -> dict[str, float]:
         res = evaluate(self.engine.module, loader, device, dtype)

@@ -76,6 +76,8 @@ class Loader:
         self.rank = rank
         self.batch_fn = batch_fn
         self.epoch = 0
+        self._skip = 0
+        self._after_skip: Optional[Callable[[], None]] = None
 
     def __len__(self) -> int:
         return self.length
@@ -84,7 +86,16 @@ class Loader:
         """The epoch the next ``iter()`` runs (they count up from there)."""
         self.epoch = epoch
 
+    def skip_next(self, batches: int, then: Optional[Callable[[], None]] = None) -> None:
+        """The next ``iter()`` reads and drops its first ``batches`` batches (a resumed run winds the
+        epoch's stream forward), then calls ``then`` before producing the first batch it yields."""
+        if not 0 <= batches <= self.length:
+            raise ValueError(f"cannot skip {batches} of {self.length} batches")
+        self._skip, self._after_skip = batches, then
+
     def __iter__(self) -> Iterator[Any]:
+        skip, after_skip = self._skip, self._after_skip
+        self._skip, self._after_skip = 0, None
         epoch = self.epoch
         self.epoch += 1
         self.dataset.set_epoch(epoch)
@@ -94,8 +105,14 @@ class Loader:
                                              generator=gen, persistent_workers=False,
                                              pin_memory=self.pin_memory, **kwargs)
         n = 0
+        if after_skip is not None and skip == 0:
+            after_skip()
         for batch in loader:
             n += 1
+            if n <= skip:
+                if n == skip and after_skip is not None:
+                    after_skip()
+                continue
             yield self.batch_fn(batch) if self.batch_fn is not None else batch
         if n != self.length:  # a bug, never corrupt data: fail loudly rather than desynchronise ranks
             raise RuntimeError(f"data loader yielded {n} batches, expected {self.length}")

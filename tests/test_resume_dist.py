@@ -1,0 +1,230 @@
+"""Checkpoints, --resume and rank failures with several CPU ranks (issue #4, items 4 and "faults").
+
+* 2 ranks, ZeRO-3, sparse mode: an uninterrupted run; the same run SIGKILLed (the whole process
+  group, as a lost node) after its first mid-epoch checkpoint, then resumed with the same
+  command: both end with the same delta. The multi-rank selection equals a single-process
+  scoring of the same batches; a resume at another world size is refused.
+* 3 ranks started one by one (as srun does, no launcher to clean up): one rank is SIGKILLed
+  mid-training and the other two exit with an error in bounded time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_launch import DEADLINE_S, ROOT, free_port, launch
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * DEADLINE_S)]
+TRAIN = str(ROOT / "launchers" / "train.py")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from gps_ds.data.datasets import write_digits
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    write_digits(out, test_size=0.25, seed=0, progress=False)
+    return out
+
+
+def settings(digits, out, **extra) -> dict:
+    sets = {"model.name": "test_vit", "model.img_size": 32, "model.num_classes": 10, "data.train": str(digits),
+            "data.test": str(digits), "data.recipe": "digits", "data.image_size": 32, "data.workers": 0,
+            "data.steps_per_epoch": 30, "gps.k": 2, "gps.loss": "ce", "gps.max_batches": 4, "gps.mode": "sparse",
+            "train.epochs": 2, "train.lr": 0.003, "train.optimizer": "adamw", "train.weight_decay": 0.05,
+            "deepspeed.train_micro_batch_size_per_gpu": 8, "deepspeed.zero_optimization.stage": 3,
+            "deepspeed.zero_optimization.stage3_param_persistence_threshold": 0,
+            "tracking.enabled": False, "output.dir": str(out), "output.checkpoint_every_steps": 5}
+    sets.update(extra)
+    return sets
+
+
+def nested(sets: dict) -> dict:
+    raw: dict = {}
+    for dotted, v in sets.items():
+        node = raw
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = v
+    return raw
+
+
+def cli_args(sets: dict) -> list[str]:
+    args = []
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+    return args
+
+
+def deepspeed_cmd(world: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
+            "--master_port", str(free_port()), TRAIN, *args]
+
+
+def env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+                GPS_DS_COLLECTIVE_TIMEOUT="120")
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no {what} within {timeout} s")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def runs(digits, tmp_path_factory):
+    """The uninterrupted run and the killed-then-resumed run, both at 2 ranks."""
+    tmp = tmp_path_factory.mktemp("resume2")
+    full, cut = tmp / "full", tmp / "cut"
+    launch(2, [TRAIN, *cli_args(settings(digits, full))], tmp / "full.log")
+
+    log = open(tmp / "cut.log", "w")
+    proc = subprocess.Popen(deepspeed_cmd(2, cli_args(settings(digits, cut))), cwd=ROOT, env=env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: (cut / "checkpoints" / "latest").is_file(), proc, DEADLINE_S, "first checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks at once, mid-epoch
+    proc.wait()
+    log.close()
+    killed_at = (cut / "checkpoints" / "latest").read_text()
+    finished_before_kill = (cut / "summary.json").exists()
+
+    launch(2, [TRAIN, *cli_args(settings(digits, cut)), "--resume"], tmp / "resume.log")
+    return {"full": full, "cut": cut, "killed_at": killed_at, "finished_before_kill": finished_before_kill,
+            "resume_log": (tmp / "resume.log").read_text(), "tmp": tmp}
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(runs):
+    from gps_ds.delta import load_delta
+
+    assert not runs["finished_before_kill"]
+    step = int(runs["killed_at"].removeprefix("step"))
+    assert 5 <= step < 60  # 2 epochs x 30 steps: killed before the end
+    assert "resuming from" in runs["resume_log"]
+    a = load_delta(runs["full"] / "delta_last.safetensors")
+    b = load_delta(runs["cut"] / "delta_last.safetensors")
+    assert a.selected.keys() == b.selected.keys() and a.whole.keys() == b.whole.keys()
+    for name, (idx, vals) in a.selected.items():
+        assert torch.equal(idx, b.selected[name][0]), name
+        torch.testing.assert_close(vals, b.selected[name][1], rtol=0, atol=1e-6)
+    for name, t in a.whole.items():
+        torch.testing.assert_close(t, b.whole[name], rtol=0, atol=1e-6)
+    assert (runs["full"] / "metrics.jsonl").read_text() == (runs["cut"] / "metrics.jsonl").read_text()
+
+
+def test_zero3_delta_holds_full_tensors(runs):
+    from gps_ds.delta import load_delta
+    from gps_ds.models import create_model
+
+    shapes = {n: p.shape for n, p in create_model("test_vit", 10, img_size=32).named_parameters()}
+    delta = load_delta(runs["full"] / "delta_last.safetensors")
+    assert delta.whole and delta.selected
+    for name, t in delta.whole.items():
+        assert t.shape == shapes[name] and t.numel() > 0, name
+    for name, (idx, vals) in delta.selected.items():
+        assert idx.shape == vals.shape == (shapes[name][0], 2), name
+        assert vals.abs().sum() > 0, name
+
+
+def test_two_rank_selection_equals_one_process_scoring(runs, digits):
+    # Reference: one process, no ZeRO, scoring exactly the batches the two ranks scored.
+    import itertools
+
+    from gps_ds.config import validate_config
+    from gps_ds.data.loaders import make_score_loader
+    from gps_ds.models import create_model_from_config
+    from gps_ds.rules import classify
+    from gps_ds.selection.maskfile import load_mask
+    from gps_ds.selection.pipeline import run_selection
+
+    cfg = validate_config(nested(settings(digits, runs["tmp"] / "ref")))
+    model = create_model_from_config(cfg)
+    roles = classify(model, cfg.model.family, cfg.gps.rules)
+    per_rank = [list(itertools.islice(make_score_loader(cfg.data, r, 2, batch_size_per_rank=8, two_view=False),
+                                      cfg.gps.max_batches)) for r in range(2)]
+    result = run_selection(model, roles, [b for batches in per_rank for b in batches], scheme=cfg.gps.scheme,
+                           k=cfg.gps.k, loss="ce", seed=cfg.gps.seed)
+    mask, _ = load_mask(runs["full"] / "mask.safetensors")
+    rows = same = 0
+    for name, idx in result.selection.items():
+        a, b = idx.long().sort(dim=1).values, mask[name].long().sort(dim=1).values
+        rows += a.shape[0]
+        same += int((a == b).all(dim=1).sum())
+    assert rows > 0 and same / rows >= 0.999, f"{same}/{rows} rows agree"
+
+
+def test_resume_at_another_world_size_is_refused(runs, tmp_path):
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(runs["cut"], cut, ignore=shutil.ignore_patterns("*.log"))
+    sets = settings(Path(json.loads((runs["cut"] / "config.json").read_text())["data"]["train"]), cut)
+    proc = subprocess.run([sys.executable, "-m", "gps_ds.cli", "train", *cli_args(sets), "--resume", "--quiet"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "cannot resume" in last and "world_size 2 in the checkpoint, 1 now" in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_dead_rank_makes_the_others_exit(digits, tmp_path):
+    # Three ranks started directly (no launcher that would kill the rest for us).
+    out = tmp_path / "run"
+    sets = settings(digits, out, **{"data.steps_per_epoch": 400, "train.epochs": 1,
+                                    "deepspeed.zero_optimization.stage": 2, "gps.mode": "masked",
+                                    "output.checkpoint_every_steps": 10})
+    port = str(free_port())
+    procs, logs = [], []
+    for rank in range(3):
+        logs.append(open(tmp_path / f"rank{rank}.log", "w"))
+        e = dict(env(), RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, TRAIN, *cli_args(sets)], cwd=ROOT, env=e, stdout=logs[-1],
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        wait_for(lambda: (out / "checkpoints" / "latest").is_file(), procs[0], DEADLINE_S, "first checkpoint")
+        procs[2].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        codes = [p.wait(timeout=300) for p in procs[:2]]
+        waited = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for f in logs:
+            f.close()
+    assert all(c != 0 for c in codes), codes
+    assert waited < 150, f"survivors took {waited:.0f} s to exit"
+    assert not (out / "summary.json").exists()
+    last = (tmp_path / "rank0.log").read_text().strip().splitlines()[-1]
+    assert last.startswith("gps-ds train: error: lost contact with another rank at step"), last
+    assert "continue with --resume" in last
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(digits, tmp_path):
+    sets = settings(digits, tmp_path / "run", **{"train.method": "linear", "data.steps_per_epoch": 10,
+                                                 "deepspeed.zero_optimization.stage": 2})
+    (tmp_path / "cfg.json").write_text(json.dumps(nested(sets)))
+    script = ROOT / "tests" / "dist_scripts" / "nan_one_rank.py"
+    launch(2, [str(script), "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "res")],
+           tmp_path / "log.txt")
+    r0 = json.loads((tmp_path / "res-0.json").read_text())["stopped"]
+    r1 = json.loads((tmp_path / "res-1.json").read_text())["stopped"]
+    assert r1.startswith("loss is nan at step 3 (epoch 0)"), r1
+    assert r0.startswith("loss is not finite on another rank at step 3 (epoch 0)"), r0
