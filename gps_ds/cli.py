@@ -188,10 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (results go to docs/BENCHMARKS.md)")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     add_bench_data_arguments(bsub.add_parser("data", help="data-loader throughput next to the decode-only limit"))
-    from gps_ds.bench.cli import add_bench_select_arguments, add_bench_train_arguments
+    from gps_ds.bench.cli import add_bench_select_arguments, add_bench_train_arguments, add_bench_zero_arguments
 
     add_bench_train_arguments(bsub.add_parser("train", help="step time, peak memory, trainable state per method"))
     add_bench_select_arguments(bsub.add_parser("select", help="top-K and scoring-pass cost vs full fine-tuning"))
+    add_bench_zero_arguments(bsub.add_parser("zero", help="per-rank memory of sparse training under ZeRO-3"))
 
     p = sub.add_parser("demo", help="offline demo: pre-train on MNIST, fine-tune on 8x8 digits with 4 methods")
     p.add_argument("--out", default="runs/demo")
@@ -202,8 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean a user mistake: printed as one line, never as a traceback."""
-    return (ValueError, OSError)
+    """Exceptions that mean a user mistake or a run that cannot go on (NaN loss): printed as one
+    line, never as a traceback."""
+    from gps_ds.evaluation import TrainingError
+
+    return (ValueError, OSError, TrainingError)
 
 
 def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.ArgumentParser] = build_parser) -> int:

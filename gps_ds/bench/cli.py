@@ -1,4 +1,4 @@
-"""Arguments of `gps-ds bench train` and `gps-ds bench select` (mounted in gps_ds/cli.py)."""
+"""Arguments of `gps-ds bench train`, `bench select` and `bench zero` (mounted in gps_ds/cli.py)."""
 
 from __future__ import annotations
 
@@ -85,4 +85,44 @@ def run_bench_select(args: argparse.Namespace) -> int:
                 f"* wall clock, median over rounds\n\n{table}\n")
         write_section(args.write, f"select:{args.model}:k{args.k}", f"Selection: {args.model}, K={args.k}", body)
     _emit(json.dumps(result, sort_keys=True) if args.json else table)
+    return 0
+
+
+def add_bench_zero_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name (built without weights)")
+    parser.add_argument("--ranks", default="1,2,3", help="comma list of world sizes, one deepspeed launch each")
+    parser.add_argument("--batch", type=int, default=4, help="batch per rank (fixed: the global batch grows with ranks)")
+    parser.add_argument("--k", type=int, default=1, help="connections kept per neuron")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per launch")
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--img-size", type=int, help="model and input size (default: the model's own, input 224)")
+    parser.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per launch; the launch is killed after")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--write", metavar="MD", help="rewrite this run's section of a results file, e.g. docs/BENCHMARKS.md")
+    parser.set_defaults(func=run_bench_zero)
+
+
+def run_bench_zero(args: argparse.Namespace) -> int:
+    from gps_ds.bench.report import write_section
+    from gps_ds.bench.zero import bench_zero, format_table, parse_ranks, section_body
+
+    ranks = parse_ranks(args.ranks)
+    result = bench_zero(args.model, ranks=ranks, batch=args.batch, k=args.k, steps=args.steps,
+                        num_classes=args.num_classes, img_size=args.img_size, threads=args.threads,
+                        timeout=args.timeout)
+    table = format_table(result)
+    if args.write:
+        size = f" --img-size {args.img_size}" if args.img_size else ""
+        command = (f"gps-ds bench zero --model {args.model} --ranks {','.join(map(str, ranks))} --batch {args.batch} "
+                   f"--k {args.k} --steps {args.steps} --num-classes {args.num_classes}{size}")
+        body = section_body(result, command)
+        write_section(args.write, f"zero:{args.model}:b{args.batch}:k{args.k}",
+                      f"ZeRO-3 sparse training memory per rank: {args.model}, batch {args.batch} per rank, K={args.k}",
+                      body)
+    if args.json:
+        _emit(json.dumps(result, sort_keys=True))
+    else:
+        _emit(f"{args.model}, batch {args.batch} per rank, K={args.k}, ZeRO-3 fp32 on CPU")
+        _emit(table)
     return 0
