@@ -137,6 +137,9 @@ class Trainer:
         ds_config = deepspeed_config(cfg, self.world)
         self.ds_config = ds_config
         self.micro_batch = int(ds_config["train_micro_batch_size_per_gpu"])
+        if cfg.train.ema_decay is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ValueError("train.ema_decay: EMA is not supported under ZeRO-3 (the averaged copy would hold "
+                             "only this rank's partition); use ZeRO stage 0-2 or remove ema_decay")
         start = time.perf_counter()
         self._build()
         selection = self._selection()

@@ -130,3 +130,43 @@ def test_trainer_masked_zero3_two_ranks(digits, tmp_path):
     # Only rank 0 logged: one MLflow run.
     with sqlite3.connect(db) as con:
         assert con.execute("select count(*) from runs").fetchone()[0] == 1
+
+
+def test_trainer_three_ranks_zero1_masked(digits, tmp_path):
+    # Three ranks over data that does not split evenly (450 test samples, batch 16 per rank).
+    import torch
+
+    from gps_ds.config import validate_config
+    from gps_ds.delta import load_delta, merge_state_dict
+    from gps_ds.evaluation import evaluate_delta
+    from gps_ds.models import create_model
+
+    out = tmp_path / "run"
+    sets = {"model.name": "test_vit", "model.img_size": 32, "model.num_classes": 10, "data.train": str(digits),
+            "data.test": str(digits), "data.recipe": "digits", "data.image_size": 32, "data.workers": 0,
+            "data.steps_per_epoch": 3, "gps.k": 1, "gps.loss": "supcon", "gps.max_batches": 2, "gps.mode": "masked",
+            "train.epochs": 2, "train.lr": 0.01, "train.optimizer": "adamw", "train.weight_decay": 0.05,
+            "deepspeed.train_micro_batch_size_per_gpu": 16, "deepspeed.zero_optimization.stage": 1,
+            "tracking.enabled": False, "output.dir": str(out)}
+    args = [str(ROOT / "launchers" / "train.py")]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    launch(3, args, tmp_path / "log.txt")
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "run.json").read_text())["world_size"] == 3
+
+    # Non-selected entries of every candidate are bit-identical to the initial weights.
+    torch.manual_seed(0)
+    init = create_model("test_vit", 10, img_size=32)
+    delta = load_delta(out / "delta_last.safetensors")
+    merged = merge_state_dict(init.state_dict(), delta)
+    for name, (idx, _) in delta.selected.items():
+        before, after = init.state_dict()[name], merged[name]
+        keep = torch.ones_like(before, dtype=torch.bool).reshape(before.shape[0], -1).scatter_(1, idx.long(), False)
+        assert torch.equal(before.reshape(keep.shape)[keep], after.reshape(keep.shape)[keep]), name
+
+    raw = {"model": {"name": "test_vit", "img_size": 32, "num_classes": 10},
+           "data": {"train": str(digits), "test": str(digits), "recipe": "digits", "image_size": 32, "workers": 0},
+           "deepspeed": {"train_micro_batch_size_per_gpu": 16}, "output": {"dir": str(tmp_path / "eval")}}
+    single = evaluate_delta(validate_config(raw), str(out / "delta_last.safetensors"))
+    assert single["top1"] == pytest.approx(summary["last_top1"], abs=1e-9)

@@ -7,6 +7,17 @@ random inputs and labels, timed after warm-up steps; the median over all timed s
 rounds is reported, as wall clock and as process CPU time (the latter is steadier on a loaded
 machine, see docs/sparse-kernels.md).
 
+Memory and time are measured in separate phases of the worker: the peak RSS over the first
+max(warmup, 2) steps, with glibc's mmap threshold at 128 KiB (MALLOC_MMAP_THRESHOLD_) so freed
+tensors leave RSS; then malloc gets its usual large threshold back (`_malloc_for_timing`), one
+more untimed step runs, and the timed steps follow. Steps timed under the 128 KiB threshold were
+up to 1.6x slower (every activation / AdamW temporary mmapped, page-faulted and unmapped again),
+by a different factor per method (CPU time, 1 thread: ViT-S/16 224 px b4 full 1.11x, gps-sparse
+1.29x; ViT-Ti/16 at 32 px b2 full 1.6x, frozen 1.0x).
+Workers run with OMP_WAIT_POLICY=PASSIVE (unless set): with the default spin-waiting, every
+OpenMP region on a shared machine waits, spinning, for a descheduled peer thread, which made
+steps 10-200x slower and random per method at 2 threads (see docs/sparse-kernels.md).
+
 Methods:
   full        every parameter
   linear      head only
@@ -92,6 +103,22 @@ def trainable_state_bytes(model, optimizer) -> dict[str, int]:
     return {"params": pb, "grads": gb, "optimizer": sb, "total": pb + gb + sb}
 
 
+def _malloc_for_timing() -> bool:
+    """Give glibc malloc back its usual behaviour for the timed steps: the worker starts with
+    MALLOC_MMAP_THRESHOLD_=131072 (for the peak-RSS phase), which also turns off glibc's dynamic
+    threshold; 32 MiB is the dynamic threshold's ceiling, i.e. its steady state once tensors have
+    been freed. False where it cannot be set (not glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 64 << 20))
+
+
 def run_method(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the model, prepare `spec['method']`, run warm-up + timed steps; returns the measurements."""
     import torch
@@ -138,9 +165,21 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    wall, cpu = [], []
+    # Phase 1, memory: untimed steps with the small mmap threshold (step 2 is the first one that
+    # holds gradients, optimizer state and activations at once).
     warmup, steps = int(spec.get("warmup", 2)), int(spec.get("steps", 5))
-    for i in range(warmup + steps):
+    for _ in range(max(warmup, 2)):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak_bytes = int(torch.cuda.max_memory_allocated(device))
+    else:
+        peak_kib = proc_status_kib("VmHWM")
+    # Phase 2, time: usual malloc, one step to re-grow the heap, then the timed steps.
+    malloc_switched = _malloc_for_timing()
+    step()
+    wall, cpu = [], []
+    for _ in range(steps):
         if cuda:
             torch.cuda.synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -148,9 +187,8 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize(device)
         t1, c1 = time.perf_counter(), time.process_time()
-        if i >= warmup:
-            wall.append(t1 - t0)
-            cpu.append(c1 - c0)
+        wall.append(t1 - t0)
+        cpu.append(c1 - c0)
     state = trainable_state_bytes(model, optimizer)
     out = {
         "method": method,
@@ -160,14 +198,14 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_s": wall,
         "cpu_s": cpu,
         "threads": torch.get_num_threads(),
+        "malloc_switched": malloc_switched,
     }
     if cuda:
-        out["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        out["peak_bytes"] = peak_bytes
         out["memory_kind"] = "cuda max_memory_allocated"
     else:
-        peak = proc_status_kib("VmHWM")
-        out["peak_bytes"] = max(0, peak - baseline_kib) * 1024
-        out["peak_rss_bytes"] = peak * 1024
+        out["peak_bytes"] = max(0, peak_kib - baseline_kib) * 1024
+        out["peak_rss_bytes"] = peak_kib * 1024
         out["memory_kind"] = "peak RSS (VmHWM) above the pre-model RSS"
     return out
 
@@ -177,7 +215,8 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
 def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # freed tensors leave RSS
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # freed tensors leave RSS (memory phase only)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning at barriers: see the module docstring
     return env
 
 
@@ -244,6 +283,7 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
                         for key in ("step_s", "step_cpu_s", "peak_bytes", "state_bytes")}
     mach = machine(device)
     mach["threads"] = threads
+    mach["omp_wait_policy"] = _worker_env()["OMP_WAIT_POLICY"]
     mach["load_average_before"] = load_before
     mach["load_average_after"] = mach.pop("load_average")
     return {
