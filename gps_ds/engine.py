@@ -54,6 +54,15 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     ds.setdefault("zero_optimization", {"stage": 0})
     ds.setdefault("wall_clock_breakdown", False)
     ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed 0.19 would otherwise clip at 1.0 unasked
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"deepspeed.{key} must be a positive integer, got {value!r}")
+    total = ds.get("train_batch_size")
+    if total is not None and total != micro * accum * world:
+        raise ValueError(f"deepspeed.train_batch_size is {total} but train_micro_batch_size_per_gpu x "
+                         f"gradient_accumulation_steps x ranks = {micro} x {accum} x {world} = {micro * accum * world}; "
+                         f"fix one or drop train_batch_size")
     return ds
 
 
@@ -227,9 +236,10 @@ class Trainer:
                         seen = f"loss is {value}" if not math.isfinite(value) else "loss is not finite on another rank"
                         raise TrainingError(f"{seen} at step {step} (epoch {epoch}); "
                                             f"the last good delta is kept in {self.out}")
+                    boundary = engine.is_gradient_accumulation_boundary()  # asked before step() counts the micro-step
                     engine.backward(loss)
                     engine.step()
-                    if engine.is_gradient_accumulation_boundary():
+                    if boundary:
                         step += 1
                         scheduler.step_update(num_updates=step)
                         if ema is not None:

@@ -226,3 +226,30 @@ def test_loader_skip_next_winds_the_epoch_forward(digits):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     with pytest.raises(ValueError, match="cannot skip 6 of 5"):
         loader().skip_next(6)
+
+
+def test_checkpoints_fall_on_accumulation_boundaries(digits, tmp_path, monkeypatch):
+    # 2 micro-batches per optimizer step: the first step ends after batch 2, not batch 1.
+    raw = raw_cfg(digits, tmp_path / "run", output__checkpoint_every_steps=1)
+    raw["deepspeed"]["gradient_accumulation_steps"] = 2
+    raw["deepspeed"]["train_batch_size"] = 32
+    stopped = run_interrupted(validate_config(raw), 1, monkeypatch)
+    assert (stopped.epoch, stopped.batch, stopped.step) == (0, 2, 1)
+
+
+@pytest.mark.parametrize("ds, message", [
+    ({"train_micro_batch_size_per_gpu": 16, "train_batch_size": 48},
+     "deepspeed.train_batch_size is 48 but train_micro_batch_size_per_gpu x gradient_accumulation_steps x ranks "
+     "= 16 x 1 x 2 = 32"),
+    ({"train_micro_batch_size_per_gpu": 0}, "deepspeed.train_micro_batch_size_per_gpu must be a positive integer"),
+    ({"gradient_accumulation_steps": 1.5}, "deepspeed.gradient_accumulation_steps must be a positive integer"),
+])
+def test_inconsistent_batch_sizes_are_named(ds, message):
+    from gps_ds.engine import deepspeed_config
+
+    cfg = validate_config({"deepspeed": ds})
+    with pytest.raises(ValueError) as err:
+        deepspeed_config(cfg, world=2)
+    assert message in str(err.value)
+    assert deepspeed_config(validate_config({"deepspeed": {"train_micro_batch_size_per_gpu": 16,
+                                                           "train_batch_size": 32}}), world=2)

@@ -3,7 +3,7 @@
 * 2 ranks, ZeRO-3, sparse mode: an uninterrupted run; the same run SIGKILLed (the whole process
   group, as a lost node) after its first mid-epoch checkpoint, then resumed with the same
   command: both end with the same delta. The multi-rank selection equals a single-process
-  scoring of the same batches; a resume at another world size is refused.
+  scoring of the global batches; a resume at another world size is refused.
 * 3 ranks started one by one (as srun does, no launcher to clean up): one rank is SIGKILLed
   mid-training and the other two exit with an error in bounded time.
 """
@@ -142,7 +142,9 @@ def test_zero3_delta_holds_full_tensors(runs):
 
 
 def test_two_rank_selection_equals_one_process_scoring(runs, digits):
-    # Reference: one process, no ZeRO, scoring exactly the batches the two ranks scored.
+    # Reference: one process, no ZeRO, scoring the global batches (both ranks' micro-batches
+    # side by side). Cross-entropy here: the SupCon views are drawn from each rank's random
+    # state, which a test cannot replay (SupCon across ranks: tests/test_zero_scoring_dist.py).
     import itertools
 
     from gps_ds.config import validate_config
@@ -157,8 +159,9 @@ def test_two_rank_selection_equals_one_process_scoring(runs, digits):
     roles = classify(model, cfg.model.family, cfg.gps.rules)
     per_rank = [list(itertools.islice(make_score_loader(cfg.data, r, 2, batch_size_per_rank=8, two_view=False),
                                       cfg.gps.max_batches)) for r in range(2)]
-    result = run_selection(model, roles, [b for batches in per_rank for b in batches], scheme=cfg.gps.scheme,
-                           k=cfg.gps.k, loss="ce", seed=cfg.gps.seed)
+    global_batches = [(torch.cat([x0, x1]), torch.cat([y0, y1])) for (x0, y0), (x1, y1) in zip(*per_rank)]
+    result = run_selection(model, roles, global_batches, scheme=cfg.gps.scheme, k=cfg.gps.k, loss="ce",
+                           seed=cfg.gps.seed)
     mask, _ = load_mask(runs["full"] / "mask.safetensors")
     rows = same = 0
     for name, idx in result.selection.items():

@@ -30,28 +30,45 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_bench_train)
 
 
+def train_section(result: dict) -> tuple[str, str, str]:
+    """(key, title, markdown body) of a `bench train` result's section in docs/BENCHMARKS.md."""
+    from gps_ds.bench.report import machine_lines
+    from gps_ds.bench.targets import train_targets
+    from gps_ds.bench.train import format_table
+
+    r, device = result, result["machine"]["device"]
+    stamp = r.get("finished") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    body = (f"`gps-ds bench train --model {r['model']} --batch {r['batch']} --k {r['k']} --steps {r['steps']} "
+            f"--rounds {r['rounds']}` ({stamp})\n\n"
+            f"{machine_lines(r['machine'])}\n* memory: {r['memory_kind']}; trainable state = "
+            f"trainable parameters + gradients + AdamW moments\n\n{format_table(r)}\n")
+    targets = train_targets(r)
+    if targets:
+        body += f"\nTargets (issue #6):\n\n{targets}\n"
+    title = f"Training step: {r['model']}, batch {r['batch']}, K={r['k']} ({device})"
+    return f"train:{r['model']}:b{r['batch']}:k{r['k']}:{device}", title, body
+
+
 def run_bench_train(args: argparse.Namespace) -> int:
-    from gps_ds.bench.report import machine_lines, write_section
+    from gps_ds.bench.report import write_section
+    from gps_ds.bench.targets import train_targets
     from gps_ds.bench.train import bench_train, format_table
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     result = bench_train(args.model, args.batch, args.k, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          methods=methods, threads=args.threads, device=args.device, num_classes=args.num_classes,
                          img_size=args.img_size)
-    table = format_table(result)
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if args.write:
-        title = f"Training step: {args.model}, batch {args.batch}, K={args.k} ({args.device})"
-        body = (f"`gps-ds bench train --model {args.model} --batch {args.batch} --k {args.k} --steps {args.steps} "
-                f"--rounds {args.rounds}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
-                f"{machine_lines(result['machine'])}\n* memory: {result['memory_kind']}; trainable state = "
-                f"trainable parameters + gradients + AdamW moments\n\n{table}\n")
-        write_section(args.write, f"train:{args.model}:b{args.batch}:k{args.k}:{args.device}", title, body)
+        write_section(args.write, *train_section(result))
     if args.json:
         _emit(json.dumps(result, sort_keys=True))
     else:
         m = result["machine"]
-        _emit(f"{args.model}, batch {args.batch}, K={args.k}, {m['threads']} threads, load {m['load_average_after']}")
-        _emit(table)
+        _emit(f"{args.model}, batch {args.batch}, K={args.k}, {m['threads']} threads, "
+              f"other load {m.get('other_load_cores')} cores")
+        _emit(format_table(result))
+        _emit(train_targets(result))
     return 0
 
 
@@ -71,20 +88,34 @@ def add_bench_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_bench_select)
 
 
+def select_section(result: dict) -> tuple[str, str, str]:
+    from gps_ds.bench.report import machine_lines
+    from gps_ds.bench.select import format_table
+    from gps_ds.bench.targets import select_targets
+
+    r = result
+    sc = r.get("scoring") or {}
+    stamp = r.get("finished") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    body = (f"`gps-ds bench select --model {r['model']} --k {r['k']} --batch {sc.get('batch')} "
+            f"--steps {sc.get('steps')} --rounds {sc.get('rounds')}` ({stamp})\n\n{machine_lines(r['machine'])}\n"
+            f"* wall clock, median over rounds\n\n{format_table(r)}\n")
+    targets = select_targets(r)
+    if targets:
+        body += f"\nTargets (issue #6):\n\n{targets}\n"
+    return f"select:{r['model']}:k{r['k']}", f"Selection: {r['model']}, K={r['k']}", body
+
+
 def run_bench_select(args: argparse.Namespace) -> int:
-    from gps_ds.bench.report import machine_lines, write_section
+    from gps_ds.bench.report import write_section
     from gps_ds.bench.select import bench_select, format_table
 
     result = bench_select(args.model, args.k, batch=args.batch, steps=args.steps, rounds=args.rounds,
                           repeats=args.repeats, threads=args.threads, num_classes=args.num_classes,
                           img_size=args.img_size, scoring=not args.no_scoring)
-    table = format_table(result)
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if args.write:
-        body = (f"`gps-ds bench select --model {args.model} --k {args.k} --batch {args.batch} --steps {args.steps}` "
-                f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n{machine_lines(result['machine'])}\n"
-                f"* wall clock, median over rounds\n\n{table}\n")
-        write_section(args.write, f"select:{args.model}:k{args.k}", f"Selection: {args.model}, K={args.k}", body)
-    _emit(json.dumps(result, sort_keys=True) if args.json else table)
+        write_section(args.write, *select_section(result))
+    _emit(json.dumps(result, sort_keys=True) if args.json else format_table(result))
     return 0
 
 

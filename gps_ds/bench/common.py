@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
+import time
 
 
 def cpu_model() -> str:
@@ -44,3 +46,42 @@ def proc_status_kib(field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes on the machine have spent busy (Linux /proc/stat), None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
+
+
+class OtherLoad:
+    """Cores' worth of CPU that *other* processes used while the block ran: the machine's busy
+    time minus this process's and its (waited-for) children's. Unlike the load average it does
+    not count the benchmark itself. ``cores`` is None where /proc/stat is unavailable."""
+
+    cores: float | None = None
+
+    def __enter__(self) -> "OtherLoad":
+        self._t0, self._busy0, self._own0 = time.monotonic(), _machine_busy_seconds(), _own_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.monotonic() - self._t0
+        busy = _machine_busy_seconds()
+        if busy is None or self._busy0 is None or wall <= 0:
+            return
+        other = (busy - self._busy0) - (_own_seconds() - self._own0)
+        self.cores = round(max(0.0, other) / wall, 2)

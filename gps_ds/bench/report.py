@@ -16,8 +16,14 @@ def machine_lines(m: dict[str, Any]) -> str:
     if m.get("gpu"):
         parts.append(f"GPU: {m['gpu']}")
     parts.append(f"load average (1/5/15 min) before: {load[0]}, after: {load[1]}")
-    busy = max((load[0] or [0])[:1] + (load[1] or [0])[:1])
-    if m.get("cores") and busy > 0.5 * m["cores"]:
+    other = m.get("other_load_cores")
+    if other is not None:
+        parts.append(f"other processes used {other:.2f} cores on average during the run (machine busy time "
+                     f"minus the benchmark's own CPU time)")
+        busy = other
+    else:  # older results: only the load average before the run excludes the benchmark itself
+        busy = (load[0] or [0])[0]
+    if m.get("cores") and busy > 0.25 * m["cores"]:
         parts.append("**The machine was loaded by other jobs: wall-clock times are unreliable "
                      "(process CPU time is steadier, memory and state bytes are unaffected).**")
     return "\n".join(f"* {p}" for p in parts)

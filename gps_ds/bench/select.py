@@ -52,7 +52,7 @@ def bench_select(model: str = "vit_base_patch16_224", k: int = 1, *, batch: int 
                  img_size: int | None = None, scoring: bool = True) -> dict[str, Any]:
     import torch
 
-    from gps_ds.bench.common import machine
+    from gps_ds.bench.common import OtherLoad, machine
     from gps_ds.models import create_model
     from gps_ds.rules import classify
     from gps_ds.selection.bench import bench_topk
@@ -60,31 +60,33 @@ def bench_select(model: str = "vit_base_patch16_224", k: int = 1, *, batch: int 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(threads or os.cpu_count() or 1)
     load_before = machine()["load_average"]
-    out: dict[str, Any] = {"benchmark": "select", "model": model, "k": k, "topk": bench_topk(model, k, repeats)}
-    if scoring:
-        torch.manual_seed(0)
-        net = create_model(model, num_classes, img_size=img_size)
-        candidates = classify(net).candidates
-        size = img_size or 224
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(batch, 3, size, size, generator=gen)
-        y = torch.randint(0, num_classes, (batch,), generator=gen)
-        _scoring(net, x, y, 1, candidates)  # warm-up
-        _full_steps(net, x, y, 1)
-        score_t, full_t = [], []
-        for r in range(rounds):
-            pair = [(score_t, lambda: _scoring(net, x, y, steps, candidates)), (full_t, lambda: _full_steps(net, x, y, steps))]
-            for sink, fn in (pair if r % 2 == 0 else pair[::-1]):
-                sink.append(fn())
-        s, f = statistics.median(score_t), statistics.median(full_t)
-        out["scoring"] = {"batch": batch, "steps": steps, "rounds": rounds, "input_size": size,
-                          "candidates": len(candidates),
-                          "scoring_s": s, "full_steps_s": f, "ratio": s / f if f else None,
-                          "scoring_runs_s": score_t, "full_runs_s": full_t}
-        out["topk_vs_scoring"] = out["topk"]["median_s"] / s if s else None
+    with OtherLoad() as other:
+        out: dict[str, Any] = {"benchmark": "select", "model": model, "k": k, "topk": bench_topk(model, k, repeats)}
+        if scoring:
+            torch.manual_seed(0)
+            net = create_model(model, num_classes, img_size=img_size)
+            candidates = classify(net).candidates
+            size = img_size or 224
+            gen = torch.Generator().manual_seed(1)
+            x = torch.randn(batch, 3, size, size, generator=gen)
+            y = torch.randint(0, num_classes, (batch,), generator=gen)
+            _scoring(net, x, y, 1, candidates)  # warm-up
+            _full_steps(net, x, y, 1)
+            score_t, full_t = [], []
+            for r in range(rounds):
+                pair = [(score_t, lambda: _scoring(net, x, y, steps, candidates)), (full_t, lambda: _full_steps(net, x, y, steps))]
+                for sink, fn in (pair if r % 2 == 0 else pair[::-1]):
+                    sink.append(fn())
+            s, f = statistics.median(score_t), statistics.median(full_t)
+            out["scoring"] = {"batch": batch, "steps": steps, "rounds": rounds, "input_size": size,
+                              "candidates": len(candidates),
+                              "scoring_s": s, "full_steps_s": f, "ratio": s / f if f else None,
+                              "scoring_runs_s": score_t, "full_runs_s": full_t}
+            out["topk_vs_scoring"] = out["topk"]["median_s"] / s if s else None
     mach = machine()
     mach["load_average_before"] = load_before
     mach["load_average_after"] = mach.pop("load_average")
+    mach["other_load_cores"] = other.cores
     out["machine"] = mach
     return out
 

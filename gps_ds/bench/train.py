@@ -241,7 +241,7 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
                 num_classes: int = 1000, img_size: int | None = None, seed: int = 0,
                 timeout: float | None = None) -> dict[str, Any]:
     """Run every method in its own process (`rounds` times, order rotated per round); one result dict."""
-    from gps_ds.bench.common import machine
+    from gps_ds.bench.common import OtherLoad, machine
 
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in METHODS]
@@ -256,10 +256,11 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
                 num_classes=num_classes, img_size=img_size, input_size=img_size or 224, seed=seed)
     load_before = machine(device)["load_average"]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for r in range(rounds):
-        order = methods[r % len(methods):] + methods[:r % len(methods)]
-        for m in order:
-            runs[m].append(_run_subprocess({**base, "method": m}, timeout))
+    with OtherLoad() as other:
+        for r in range(rounds):
+            order = methods[r % len(methods):] + methods[:r % len(methods)]
+            for m in order:
+                runs[m].append(_run_subprocess({**base, "method": m}, timeout))
     results: dict[str, dict] = {}
     for m in methods:
         rs = runs[m]
@@ -286,6 +287,7 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
     mach["omp_wait_policy"] = _worker_env()["OMP_WAIT_POLICY"]
     mach["load_average_before"] = load_before
     mach["load_average_after"] = mach.pop("load_average")
+    mach["other_load_cores"] = other.cores
     return {
         "benchmark": "train",
         "model": model, "batch": batch, "k": k, "steps": steps, "warmup": warmup, "rounds": rounds,

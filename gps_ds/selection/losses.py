@@ -42,11 +42,39 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"{type(model).__name__} has no forward_features/forward_head; use gps.loss='ce' or 'task'")
 
 
+def gather_global_batch(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's features and labels in rank order; only this rank's slice carries gradient.
+
+    Each rank then computes the same global loss, and the gradient reaching its own samples is
+    exactly the single-process gradient of that loss through them, so the gradients summed over
+    ranks equal a single process's on the global batch. Micro-batches must be equal in size.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, labels
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=labels.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([labels.shape[0]], dtype=torch.int64, device=labels.device))
+    if len({int(s) for s in sizes}) != 1:
+        raise ValueError(f"SupCon across ranks needs equal micro-batches, got sizes {[int(s) for s in sizes]}")
+    feats = [torch.empty_like(features) for _ in range(world)]
+    dist.all_gather(feats, features.detach().contiguous())
+    feats[rank] = features
+    labs = [torch.empty_like(labels) for _ in range(world)]
+    dist.all_gather(labs, labels.contiguous())
+    return torch.cat(feats), torch.cat(labs)
+
+
 ScoreLoss = Callable[[nn.Module, object, torch.Tensor], torch.Tensor]
 
 
-def make_score_loss(name: str, temperature: float = 0.07, task_loss: ScoreLoss | None = None) -> ScoreLoss:
-    """`loss(model, inputs, labels)`; for supcon `inputs` is a pair of views, else one batch."""
+def make_score_loss(name: str, temperature: float = 0.07, task_loss: ScoreLoss | None = None,
+                    across_ranks: bool = False) -> ScoreLoss:
+    """`loss(model, inputs, labels)`; for supcon `inputs` is a pair of views, else one batch.
+
+    `across_ranks`: SupCon contrasts each anchor with the whole global batch (all ranks'
+    features), as one process holding that batch would; cross-entropy needs nothing extra."""
     if name == "supcon":
         def loss(model: nn.Module, inputs, labels: torch.Tensor) -> torch.Tensor:
             if not isinstance(inputs, (tuple, list)) or len(inputs) < 2:
@@ -54,6 +82,8 @@ def make_score_loss(name: str, temperature: float = 0.07, task_loss: ScoreLoss |
             both = torch.cat(list(inputs), dim=0)
             feats = pooled_features(model, both)
             feats = feats.reshape(len(inputs), labels.shape[0], -1).transpose(0, 1)
+            if across_ranks:
+                feats, labels = gather_global_batch(feats, labels)
             return supcon_loss(feats, labels, temperature)
         return loss
     if name == "ce":

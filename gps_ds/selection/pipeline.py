@@ -146,7 +146,7 @@ def run_selection_zero(
 
     if not roles.candidates:
         raise ValueError("the model has no candidate weights for GPS (check gps.rules)")
-    loss_fn = make_score_loss(loss, temperature) if needs_data(scheme) else None
+    loss_fn = make_score_loss(loss, temperature, across_ranks=True) if needs_data(scheme) else None
     if needs_data(scheme) and batches is None:
         raise ValueError(f"gps.scheme '{scheme}' needs training data (data.train)")
     return score_and_select_zero(model, batches if needs_data(scheme) else None, loss_fn, roles.candidates, k,

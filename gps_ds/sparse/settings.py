@@ -29,6 +29,8 @@ class KernelSettings:
     chunk_bytes: memory bound of one gathered temporary (None: per-device default).
     compact_ratio: save only the selected input columns of a Linear for backward when
     there are at most compact_ratio * in_features distinct ones (0 disables).
+    cpu_parts: CPU threads the gather kernel splits into (None: torch's thread count;
+    1: inline), see ``cpu_threads``.
     """
 
     forward: str = "auto"
@@ -37,6 +39,7 @@ class KernelSettings:
     conv_grad: str = "auto"
     chunk_bytes: int | None = None
     compact_ratio: float = 0.5
+    cpu_parts: int | None = None
 
 
 SETTINGS = KernelSettings()

@@ -209,17 +209,16 @@ def main():
                   f"{entry['total_seconds']:.1f}s", flush=True)
 
     if args.supcon:
-        sup = make_score_loss("supcon")
+        sup = make_score_loss("supcon", across_ranks=True)
         data2 = make_data(True)
         local2 = [zs.shard_batch(b, rank, world) for b in data2]
         model = build_model()
         cfg = {"train_micro_batch_size_per_gpu": B // world, "zero_optimization": zero_section(3)}
         res = zs.score_and_select_zero(model, local2, sup, cands, 1, ds_config=cfg, gather_scores=True)
         if rank == 0:
-            # Each rank's SupCon sees its own micro-batch: the reference sums the per-rank
-            # micro-batch gradients; DeepSpeed averages them over ranks (scale 1/world).
-            micro = [zs.shard_batch(b, r, world) for b in data2 for r in range(world)]
-            sref = accumulate_scores(build_model(), micro, sup, cands).scores
+            # SupCon across ranks contrasts with the whole global batch: the reference is one
+            # process on the global batches; DeepSpeed averages gradients over ranks (1/world).
+            sref = accumulate_scores(build_model(), data2, make_score_loss("supcon"), cands).scores
             sref = {n: s / world for n, s in sref.items()}
             sref_sel = {n: rowwise_topk(s.reshape(s.shape[0], -1), 1) for n, s in sref.items()}
             err = max(float((res.scores[n] - sref[n]).abs().max() / sref[n].abs().max()) for n in cands)
