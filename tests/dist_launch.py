@@ -21,9 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def clean_env() -> dict[str, str]:
+    """os.environ without the rendezvous variables an in-process run of the trainer left behind
+    (its process group still listens on that MASTER_PORT)."""
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def launch(world: int, args: list[str], log: Path) -> None:
     """Run `deepspeed --num_gpus world ARGS` with a deadline; the whole process group dies on timeout."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+    env = dict(clean_env(), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                GPS_DS_COLLECTIVE_TIMEOUT="300")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
            "--master_port", str(free_port()), *args]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_launch import DEADLINE_S, ROOT, free_port, launch
+from dist_launch import DEADLINE_S, ROOT, clean_env, free_port, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * DEADLINE_S)]
 TRAIN = str(ROOT / "launchers" / "train.py")
@@ -72,7 +72,7 @@ def deepspeed_cmd(world: int, args: list[str]) -> list[str]:
 
 
 def env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+    return dict(clean_env(), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                 GPS_DS_COLLECTIVE_TIMEOUT="120")
 
 
