@@ -212,7 +212,7 @@ class Trainer:
         device = engine.device
         state = TrainState()
         if resume_tag is not None:
-            state = self._restore(engine, resume_tag, ema, tracker)
+            state = self._restore(engine, resume_tag, ema)
             scheduler.step_update(num_updates=state.step)
         best, history, step = state.best, state.history, state.step
         every = cfg.output.checkpoint_every_steps if cfg.output.checkpoints else 0
@@ -297,7 +297,7 @@ class Trainer:
         check_identity(self._identity, saved, checkpoint_root(self.out) / tag)
         return tag
 
-    def _restore(self, engine, tag: str, ema, tracker: Tracker) -> TrainState:
+    def _restore(self, engine, tag: str, ema) -> TrainState:
         state, _ = read_state(self.out, tag)
         load_checkpoint(engine, self.out, tag, self.rank, ema_module=ema.module if ema is not None else None)
         self._write_metrics(state.history)  # drop epochs logged after the checkpoint; they run again
