@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -44,3 +45,32 @@ def launch(world: int, args: list[str], log: Path) -> None:
             pytest.fail(f"deepspeed --num_gpus {world} did not finish in {DEADLINE_S} s (hang?); log: {log}")
     if rc != 0:
         pytest.fail(f"deepspeed --num_gpus {world} exited with {rc}:\n{log.read_text()[-4000:]}")
+
+
+def digits_trainer_settings(digits: Path, out: Path, **extra) -> dict:
+    """`--set` keys of a small test_vit run on the digits shards (update with `extra`)."""
+    sets = {"model.name": "test_vit", "model.img_size": 32, "model.num_classes": 10, "data.train": str(digits),
+            "data.test": str(digits), "data.recipe": "digits", "data.image_size": 32, "data.workers": 0,
+            "train.lr": 0.01, "train.optimizer": "adamw", "train.weight_decay": 0.05, "tracking.enabled": False,
+            "output.dir": str(out)}
+    sets.update(extra)
+    return sets
+
+
+def cli_args(sets: dict) -> list[str]:
+    args = []
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+    return args
+
+
+def nested(sets: dict) -> dict:
+    """Dotted keys -> a config dict."""
+    raw: dict = {}
+    for dotted, v in sets.items():
+        node = raw
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = v
+    return raw

@@ -19,15 +19,6 @@ from gps_ds.delta import load_delta
 from gps_ds.engine import Trainer
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from gps_ds.data.datasets import write_digits
-
-    out = tmp_path_factory.mktemp("data") / "digits"
-    write_digits(out, test_size=0.25, seed=0, progress=False)
-    return out
-
-
 def raw_cfg(digits, out, **sets):
     raw = {
         "model": {"name": "test_vit", "img_size": 32, "num_classes": 10},

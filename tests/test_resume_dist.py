@@ -21,49 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_launch import DEADLINE_S, ROOT, clean_env, free_port, launch
+from dist_launch import DEADLINE_S, ROOT, clean_env, cli_args, digits_trainer_settings, free_port, launch, nested
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * DEADLINE_S)]
 TRAIN = str(ROOT / "launchers" / "train.py")
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from gps_ds.data.datasets import write_digits
-
-    out = tmp_path_factory.mktemp("data") / "digits"
-    write_digits(out, test_size=0.25, seed=0, progress=False)
-    return out
-
-
 def settings(digits, out, **extra) -> dict:
-    sets = {"model.name": "test_vit", "model.img_size": 32, "model.num_classes": 10, "data.train": str(digits),
-            "data.test": str(digits), "data.recipe": "digits", "data.image_size": 32, "data.workers": 0,
-            "data.steps_per_epoch": 30, "gps.k": 2, "gps.loss": "ce", "gps.max_batches": 4, "gps.mode": "sparse",
-            "train.epochs": 2, "train.lr": 0.003, "train.optimizer": "adamw", "train.weight_decay": 0.05,
-            "deepspeed.train_micro_batch_size_per_gpu": 8, "deepspeed.zero_optimization.stage": 3,
-            "deepspeed.zero_optimization.stage3_param_persistence_threshold": 0,
-            "tracking.enabled": False, "output.dir": str(out), "output.checkpoint_every_steps": 5}
-    sets.update(extra)
-    return sets
-
-
-def nested(sets: dict) -> dict:
-    raw: dict = {}
-    for dotted, v in sets.items():
-        node = raw
-        *path, last = dotted.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = v
-    return raw
-
-
-def cli_args(sets: dict) -> list[str]:
-    args = []
-    for k, v in sets.items():
-        args += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
-    return args
+    return digits_trainer_settings(digits, out, **{
+        "data.steps_per_epoch": 30, "gps.k": 2, "gps.loss": "ce", "gps.max_batches": 4, "gps.mode": "sparse",
+        "train.epochs": 2, "train.lr": 0.003, "deepspeed.train_micro_batch_size_per_gpu": 8,
+        "deepspeed.zero_optimization.stage": 3, "deepspeed.zero_optimization.stage3_param_persistence_threshold": 0,
+        "output.checkpoint_every_steps": 5, **extra})
 
 
 def deepspeed_cmd(world: int, args: list[str]) -> list[str]:

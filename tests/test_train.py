@@ -18,15 +18,6 @@ from gps_ds.weights import save_state_dict
 MODEL = {"name": "test_vit", "img_size": 32, "num_classes": 10}
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from gps_ds.data.datasets import write_digits
-
-    out = tmp_path_factory.mktemp("data") / "digits"
-    write_digits(out, test_size=0.25, seed=0, progress=False)
-    return out
-
-
 def make_cfg(digits, out, **overrides):
     raw = {
         "model": dict(MODEL),

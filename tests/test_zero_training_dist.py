@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from pathlib import Path
 
 import pytest
 
-from dist_launch import DEADLINE_S, ROOT, launch
+from dist_launch import DEADLINE_S, ROOT, cli_args, digits_trainer_settings, launch
 
 SCRIPT = ROOT / "tests" / "dist_scripts" / "zero_training_check.py"
 
@@ -78,15 +77,6 @@ def test_sparse_zero3_eval_reduces_exactly(report):
     assert e["top1"] == e["ref_top1"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from gps_ds.data.datasets import write_digits
-
-    out = tmp_path_factory.mktemp("data") / "digits"
-    write_digits(out, test_size=0.25, seed=0, progress=False)
-    return out
-
-
 def test_trainer_masked_zero3_two_ranks(digits, tmp_path):
     import torch
 
@@ -97,17 +87,12 @@ def test_trainer_masked_zero3_two_ranks(digits, tmp_path):
 
     out = tmp_path / "run"
     db = tmp_path / "mlflow.db"
-    sets = {"model.name": "test_vit", "model.img_size": 32, "model.num_classes": 10, "data.train": str(digits),
-            "data.test": str(digits), "data.recipe": "digits", "data.image_size": 32, "data.workers": 0,
-            "data.steps_per_epoch": 2, "gps.k": 1, "gps.loss": "ce", "gps.max_batches": 1, "gps.mode": "masked",
-            "train.epochs": 1, "train.lr": 0.01, "train.optimizer": "adamw", "train.weight_decay": 0.05,
-            "deepspeed.train_micro_batch_size_per_gpu": 16, "deepspeed.zero_optimization.stage": 3,
-            "deepspeed.zero_optimization.stage3_param_persistence_threshold": 0,
-            "tracking.enabled": True, "tracking.uri": f"sqlite:///{db}", "output.dir": str(out)}
-    args = [str(ROOT / "launchers" / "train.py")]
-    for k, v in sets.items():
-        args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    launch(2, args, tmp_path / "log.txt")
+    sets = digits_trainer_settings(digits, out, **{
+        "data.steps_per_epoch": 2, "gps.k": 1, "gps.loss": "ce", "gps.max_batches": 1, "gps.mode": "masked",
+        "train.epochs": 1, "deepspeed.train_micro_batch_size_per_gpu": 16, "deepspeed.zero_optimization.stage": 3,
+        "deepspeed.zero_optimization.stage3_param_persistence_threshold": 0,
+        "tracking.enabled": True, "tracking.uri": f"sqlite:///{db}"})
+    launch(2, [str(ROOT / "launchers" / "train.py"), *cli_args(sets)], tmp_path / "log.txt")
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
 
@@ -142,16 +127,10 @@ def test_trainer_three_ranks_zero1_masked(digits, tmp_path):
     from gps_ds.models import create_model
 
     out = tmp_path / "run"
-    sets = {"model.name": "test_vit", "model.img_size": 32, "model.num_classes": 10, "data.train": str(digits),
-            "data.test": str(digits), "data.recipe": "digits", "data.image_size": 32, "data.workers": 0,
-            "data.steps_per_epoch": 3, "gps.k": 1, "gps.loss": "supcon", "gps.max_batches": 2, "gps.mode": "masked",
-            "train.epochs": 2, "train.lr": 0.01, "train.optimizer": "adamw", "train.weight_decay": 0.05,
-            "deepspeed.train_micro_batch_size_per_gpu": 16, "deepspeed.zero_optimization.stage": 1,
-            "tracking.enabled": False, "output.dir": str(out)}
-    args = [str(ROOT / "launchers" / "train.py")]
-    for k, v in sets.items():
-        args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    launch(3, args, tmp_path / "log.txt")
+    sets = digits_trainer_settings(digits, out, **{
+        "data.steps_per_epoch": 3, "gps.k": 1, "gps.loss": "supcon", "gps.max_batches": 2, "gps.mode": "masked",
+        "train.epochs": 2, "deepspeed.train_micro_batch_size_per_gpu": 16, "deepspeed.zero_optimization.stage": 1})
+    launch(3, [str(ROOT / "launchers" / "train.py"), *cli_args(sets)], tmp_path / "log.txt")
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads((out / "run.json").read_text())["world_size"] == 3
 
