@@ -15,12 +15,19 @@ CPU = torch.device("cpu")
 F32 = torch.float32
 
 
-def test_linear_rules_follow_measured_crossovers():
+def test_linear_rules_follow_measured_crossovers(monkeypatch):
+    from gps_ds.sparse import native
+
     m = 16 * 197  # ViT, batch 16
-    assert choose_linear_grad(m, 2304, 1, 768, F32, CPU) == "gather"  # ViT-B qkv, K=1
-    assert choose_linear_grad(m, 1152, 10, 384, F32, CPU) == "sddmm"  # ViT-S qkv, K=10
+    assert native.available()
+    assert choose_linear_grad(m, 2304, 1, 768, F32, CPU, threads=1) == "fused"  # ViT-B qkv, K=1
+    assert choose_linear_grad(m, 1152, 10, 384, F32, CPU, threads=1) == "sddmm"  # ViT-S qkv, K=10, 1 thread
+    assert choose_linear_grad(m, 1152, 10, 384, F32, CPU, threads=2) == "fused"  # sampled_addmm does not scale
     assert choose_linear_grad(m, 64, 60, 64, F32, CPU) == "dense"  # K close to fan_in
-    assert choose_linear_grad(m, 1152, 10, 384, torch.bfloat16, CPU) in ("gather", "dense")  # no bf16 sddmm
+    assert choose_linear_grad(10, 192, 2, 64, F32, CPU) == "dense"  # tiny layer: fixed costs decide
+    assert choose_linear_grad(m, 1152, 10, 384, torch.bfloat16, CPU) in ("gather", "dense")  # no bf16 sddmm/fused
+    monkeypatch.setattr(native, "available", lambda: False)  # no C compiler: the torch paths
+    assert choose_linear_grad(m, 2304, 1, 768, F32, CPU, threads=1) == "gather"
     assert choose_weight_path("auto", 1, 1000, 1, 768) == "merge"
     with kernel_settings(linear_grad="dense"):
         assert choose_linear_grad(m, 2304, 1, 768, F32, CPU) == "dense"

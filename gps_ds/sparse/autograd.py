@@ -30,6 +30,7 @@ from .indices import IndexPlan
 from .linear_kernels import (
     acc_dtype,
     csr_layout,
+    fused_index,
     sampled_product,
     sparse_term,
     sparse_term_input_grad,
@@ -134,9 +135,13 @@ class SparseLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 x2 = x_saved.reshape(-1, x_saved.shape[-1])
                 path = S.choose_linear_grad(positions, rows, plan.k, x2.shape[1], dtype, x2.device)
-                csr = plan.cached("csr", lambda: csr_layout(plan.local, plan.valid)) if path == "sddmm" else None
+                table = None
+                if path == "sddmm":
+                    table = plan.cached("csr", lambda: csr_layout(plan.local, plan.valid))
+                elif path == "fused":
+                    table = plan.cached("fused", lambda: fused_index(plan.local, x2.shape[1]))
                 chunk = S.chunk_elems(x2.device, x2.element_size())
-                grad_values = sampled_product(path, g2, x2, plan.local, plan.valid, chunk, csr).to(values.dtype)
+                grad_values = sampled_product(path, g2, x2, plan.local, plan.valid, chunk, table).to(values.dtype)
             if bias is not None and ctx.needs_input_grad[3]:
                 grad_bias = g2.sum(0, dtype=acc_dtype(dtype)).to(bias.dtype)
         return grad_x, None, grad_values, grad_bias, None

@@ -34,13 +34,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def parts_for(device: torch.device, work: int) -> int:
+def parts_for(device: torch.device, work: int, threads: int | None = None) -> int:
     """How many parts to split `work` multiply-adds into (1: run inline)."""
     from . import settings as S
 
     if device.type != "cpu":
         return 1
-    limit = S.SETTINGS.cpu_parts if S.SETTINGS.cpu_parts is not None else torch.get_num_threads()
+    limit = S.SETTINGS.cpu_parts if S.SETTINGS.cpu_parts is not None else (threads or torch.get_num_threads())
     return max(1, min(limit, work // MIN_PART_ELEMS))
 
 

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from . import native
 from .cpu_threads import parts_for, run_parts, sum_in_order
 from .indices import IndexPlan
 
@@ -119,6 +120,41 @@ def sampled_gather(g2: Tensor, x2: Tensor, idx: Tensor, valid: Tensor | None, ch
     return out if valid is None else out.masked_fill(~valid, 0)
 
 
+def fused_index(idx: Tensor, width: int) -> Tensor:
+    """(K, R) int32 table for the fused kernel; every entry is checked to lie in [0, width)
+    once here, since the C loop reads x2[m, idx] unchecked."""
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= width):
+        raise ValueError(f"selected column out of range [0, {width}) for the fused gather kernel")
+    return idx.t().contiguous().to(torch.int32)
+
+
+def sampled_fused(g2: Tensor, x2: Tensor, idx: Tensor, valid: Tensor | None, idx_t: Tensor | None = None) -> Tensor:
+    """The gather product in one pass per position (C, ``native``): no gathered temporary.
+    Position ranges run as parts on CPU threads like ``sampled_gather``. Other devices and
+    dtypes (CUDA, half precision), or a machine where the C kernel cannot be built (the
+    reason is logged once), take ``sampled_gather``."""
+    m, r = g2.shape
+    k = idx.shape[1]
+    adt = acc_dtype(g2.dtype)
+    if k == 0 or m == 0:
+        return torch.zeros(r, k, dtype=adt, device=g2.device)
+    if not (native.supports(g2) and native.supports(x2) and native.available()):
+        return sampled_gather(g2, x2, idx, valid, 1 << 20)
+    g2, x2 = g2.to(adt), x2.to(adt)
+    g2 = g2 if g2.stride(1) == 1 else g2.contiguous()
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    idx_t = fused_index(idx, x2.shape[1]) if idx_t is None else idx_t
+
+    def positions(m0: int, m1: int) -> Tensor:
+        out = torch.zeros(k, r, dtype=adt)
+        native.fused_gather_into(out, x2, g2, idx_t, m0, m1)
+        return out
+
+    parts = run_parts(positions, m, parts_for(g2.device, m * r * k))
+    out = sum_in_order(parts).t()
+    return out if valid is None else out.masked_fill(~valid, 0)
+
+
 def csr_layout(idx: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     r, k = idx.shape
     if valid is None:
@@ -166,13 +202,18 @@ def sampled_product(
     idx: Tensor,
     valid: Tensor | None,
     chunk_elems: int,
-    csr: tuple[Tensor, Tensor] | None = None,
+    table: object = None,
 ) -> Tensor:
-    """out[r, k] = sum_m g2[m, r] * x2[m, idx[r, k]] by the named kernel path."""
+    """out[r, k] = sum_m g2[m, r] * x2[m, idx[r, k]] by the named kernel path.
+
+    ``table``: the path's precomputed index table, if cached (``csr_layout`` for sddmm,
+    ``fused_index`` for fused)."""
     if path == "gather":
         return sampled_gather(g2, x2, idx, valid, chunk_elems)
+    if path == "fused":
+        return sampled_fused(g2, x2, idx, valid, table)
     if path == "sddmm":
-        return sampled_sddmm(g2, x2, idx, valid, csr)
+        return sampled_sddmm(g2, x2, idx, valid, table)
     if path == "dense":
         return sampled_dense(g2, x2, idx, valid)
-    raise ValueError(f"unknown sampled-product path {path!r}; use 'gather', 'sddmm' or 'dense'")
+    raise ValueError(f"unknown sampled-product path {path!r}; use 'gather', 'fused', 'sddmm' or 'dense'")

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-LINEAR_GRAD_PATHS = ("gather", "sddmm", "dense")
+LINEAR_GRAD_PATHS = ("gather", "fused", "sddmm", "dense")
 CONV_GRAD_PATHS = ("gather", "unfold", "dense")
 WEIGHT_PATHS = ("merge", "add")
 
@@ -24,7 +24,8 @@ class KernelSettings:
     forward / input_grad: "merge" writes the K entries per row into the base weight for the
     duration of one matmul (a cast copy when autocast changes the dtype); "add" multiplies
     by the frozen base and adds the K-sparse term (Linear only).
-    linear_grad: "gather" | "sddmm" | "dense" for the selected-entry gradient of Linear.
+    linear_grad: "gather" | "fused" | "sddmm" | "dense" for the selected-entry gradient of
+    Linear ("fused": the C kernel of ``native``, CPU float32/float64; elsewhere it runs "gather").
     conv_grad: "gather" | "unfold" | "dense" for Conv2d.
     chunk_bytes: memory bound of one gathered temporary (None: per-device default).
     compact_ratio: save only the selected input columns of a Linear for backward when
@@ -95,11 +96,18 @@ def choose_weight_path(setting: str, positions: int, rows: int, k: int, fan_in: 
 
 
 def choose_linear_grad(
-    positions: int, rows: int, k: int, cols: int, dtype: torch.dtype, device: torch.device
+    positions: int,
+    rows: int,
+    k: int,
+    cols: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    threads: int | None = None,
 ) -> str:
-    """Cheapest of gather / sddmm / dense for the selected-entry gradient of a Linear.
+    """Cheapest of gather / fused / sddmm / dense for the selected-entry gradient of a Linear.
 
-    ``cols`` is the width of the saved input (in_features, or the distinct selected columns).
+    ``cols`` is the width of the saved input (in_features, or the distinct selected columns);
+    ``threads``: CPU threads (default torch's count).
     """
     if SETTINGS.linear_grad != "auto":
         return SETTINGS.linear_grad
@@ -112,16 +120,29 @@ def choose_linear_grad(
         return "gather" if work * ratio < dense else "dense"
     # CPU cost model in ns, fitted on one thread (torch 2.14, docs/sparse-kernels.md).
     # gather: ~0.8 per gathered element plus one pass over the saved input rows;
+    # fused (one C pass, no temporary): ~0.35 per element plus ~0.5 per saved input element;
     # sddmm (sampled_addmm) pays for transposing both operands (dearer once the input no
     # longer fits in cache), then ~0.12 per entry; dense: one matmul.
     # The constants are each path's fixed per-call cost (op dispatch; sddmm also builds the
-    # CSR tensor), measured at M = 2..34 positions: gather ~15 us, dense ~6 us, sddmm ~25 us.
-    # They only decide tiny layers (e.g. 10 positions x 192 x 64), where dense is cheapest.
+    # CSR tensor; fused allocates per-part buffers and crosses ctypes), measured at M = 2..34
+    # positions: gather ~15 us, fused ~20 us, dense ~6 us, sddmm ~25 us. They only decide tiny
+    # layers (e.g. 10 positions x 192 x 64), where dense is cheapest.
+    # With several threads, matmuls and the gather/fused parts (``cpu_threads``) scale while
+    # sampled_addmm does not (measured: no faster at 2 threads); 0.8 of linear scaling is assumed.
+    from .cpu_threads import parts_for
+
+    threads = threads or torch.get_num_threads()
+    split = 1 + 0.8 * (min(threads, parts_for(device, work, threads)) - 1)
+    matmul = 1 + 0.8 * (threads - 1)
     cost = {
-        "gather": 15e3 + 0.8 * work + 0.6 * positions * cols,
-        "dense": 6e3 + 0.0195 * dense,
+        "gather": 15e3 + (0.8 * work + 0.6 * positions * cols) / split,
+        "dense": 6e3 + 0.0195 * dense / matmul,
     }
-    if dtype in (torch.float32, torch.float64):  # sampled_addmm has no half kernels on CPU
+    if dtype in (torch.float32, torch.float64):  # no half kernels for these two on CPU
+        from . import native
+
+        if native.available():
+            cost["fused"] = 20e3 + (0.35 * work + 0.5 * positions * cols) / split
         x_pass = 1.4 if cols <= 2048 else 3.4
         cost["sddmm"] = 25e3 + 1.4 * positions * rows + x_pass * positions * cols + 0.12 * work
     return min(cost, key=cost.get)
