@@ -104,6 +104,19 @@ def test_write_section(train_result):
     assert text.count(f"<!-- bench:{key} -->") == 1 and "| gps-sparse |" not in text and "## other" in text
 
 
+def test_interleaved_by_default_separate_on_request(train_result, tmp_path, capsys):
+    from gps_ds.bench.cli import train_section
+
+    result, _ = train_result
+    assert result["interleave"] is True and "taking turns step by step" in train_section(result)[2]
+    out = tmp_path / "B.md"
+    assert run(["bench", "train", *ARGS, "--methods", "full,frozen", "--separate", "--json", "--write", str(out)]) == 0
+    sep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sep["interleave"] is False and "--separate" in out.read_text()
+    assert all(len(sep["results"][m]["wall_s"]) == 2 for m in ("full", "frozen"))
+    assert sep["results"]["frozen"]["state_bytes"] == 0
+
+
 def test_unknown_method_is_user_error(capsys):
     assert run(["bench", "train", *ARGS, "--methods", "full,nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err

@@ -17,9 +17,12 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="timm model name (built without weights)")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--k", type=int, default=1, help="connections kept per neuron for gps-*")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=1, help="processes per method, order rotated per round")
+    parser.add_argument("--rounds", type=int, default=1, help="repetitions (fresh processes), order rotated per round")
+    parser.add_argument("--separate", action="store_true",
+                        help="time each method in its own process (default: all methods in one process, "
+                             "taking turns step by step)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {','.join(METHODS)}")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -38,8 +41,10 @@ def train_section(result: dict) -> tuple[str, str, str]:
 
     r, device = result, result["machine"]["device"]
     stamp = r.get("finished") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    timing = ("timed in one process, methods taking turns step by step" if r.get("interleave", True)
+              else "each method timed in its own process (--separate)")
     body = (f"`gps-ds bench train --model {r['model']} --batch {r['batch']} --k {r['k']} --steps {r['steps']} "
-            f"--rounds {r['rounds']}` ({stamp})\n\n"
+            f"--rounds {r['rounds']}{'' if r.get('interleave', True) else ' --separate'}` ({stamp}; {timing})\n\n"
             f"{machine_lines(r['machine'])}\n* memory: {r['memory_kind']}; trainable state = "
             f"trainable parameters + gradients + AdamW moments\n\n{format_table(r)}\n")
     targets = train_targets(r)
@@ -57,7 +62,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     result = bench_train(args.model, args.batch, args.k, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          methods=methods, threads=args.threads, device=args.device, num_classes=args.num_classes,
-                         img_size=args.img_size)
+                         img_size=args.img_size, interleave=not args.separate)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if args.write:
         write_section(args.write, *train_section(result))

@@ -33,6 +33,11 @@ def machine(device: str = "cpu") -> dict:
             "threads": torch.get_num_threads(), "load_average": load_average(), "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    else:
+        from gps_ds.sparse import native
+
+        reason = native.unavailable_reason()
+        info["cpu_gather_kernel"] = "fused C kernel" if reason is None else f"torch ops ({reason})"
     return info
 
 

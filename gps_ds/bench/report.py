@@ -15,6 +15,8 @@ def machine_lines(m: dict[str, Any]) -> str:
     parts = [f"CPU: {m.get('cpu')}, {m.get('cores')} cores, {m.get('threads')} torch threads; torch {m.get('torch')}"]
     if m.get("gpu"):
         parts.append(f"GPU: {m['gpu']}")
+    if m.get("cpu_gather_kernel"):
+        parts.append(f"selected-entry gradients (gather path): {m['cpu_gather_kernel']}")
     parts.append(f"load average (1/5/15 min) before: {load[0]}, after: {load[1]}")
     other = m.get("other_load_cores")
     if other is not None:

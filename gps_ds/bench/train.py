@@ -1,16 +1,17 @@
 """`gps-ds bench train`: step time, peak memory and trainable-state bytes per fine-tuning method.
 
 Each method runs in its own subprocess (``python -m gps_ds.bench.train --worker SPEC``) so peak
-memory is per method; with several rounds the method order rotates every round, so slow drift of
-a shared machine hits all methods alike. Step = forward + backward + optimizer step (AdamW) on
-random inputs and labels, timed after warm-up steps; the median over all timed steps of all
-rounds is reported, as wall clock and as process CPU time (the latter is steadier on a loaded
-machine, see docs/sparse-kernels.md).
+memory is per method. Step times are then taken in one more subprocess that holds every method's
+model and runs their steps in turn, one step each, the order rotating every step
+(``run_interleaved``): on this VM a method's step time drifted by 20-50% between processes
+minutes apart, while ratios of steps interleaved within seconds were steady (``--separate``
+times each method in its own process instead). Step = forward + backward + optimizer step
+(AdamW) on random inputs and labels, timed after warm-up steps; the median over all timed steps
+of all rounds is reported, as wall clock and as process CPU time.
 
-Memory and time are measured in separate phases of the worker: the peak RSS over the first
-max(warmup, 2) steps, with glibc's mmap threshold at 128 KiB (MALLOC_MMAP_THRESHOLD_) so freed
-tensors leave RSS; then malloc gets its usual large threshold back (`_malloc_for_timing`), one
-more untimed step runs, and the timed steps follow. Steps timed under the 128 KiB threshold were
+The memory worker reads the peak RSS over the first max(warmup, 2) steps, with glibc's mmap
+threshold at 128 KiB (MALLOC_MMAP_THRESHOLD_) so freed tensors leave RSS; timing runs with
+malloc's usual large threshold back (`_malloc_for_timing`). Steps timed under the 128 KiB threshold were
 up to 1.6x slower (every activation / AdamW temporary mmapped, page-faulted and unmapped again),
 by a different factor per method (CPU time, 1 thread: ViT-S/16 224 px b4 full 1.11x, gps-sparse
 1.29x; ViT-Ti/16 at 32 px b2 full 1.6x, frozen 1.0x).
@@ -119,28 +120,16 @@ def _malloc_for_timing() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 64 << 20))
 
 
-def run_method(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build the model, prepare `spec['method']`, run warm-up + timed steps; returns the measurements."""
+def _build(spec: dict[str, Any], method: str) -> dict[str, Any]:
+    """Model, optimizer and inputs of one method; ``step`` runs forward + backward + AdamW."""
     import torch
     import torch.nn.functional as F
 
-    from gps_ds.bench.common import proc_status_kib
     from gps_ds.models import create_model
 
-    threads = spec.get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
     device = torch.device(spec.get("device", "cpu"))
-    cuda = device.type == "cuda"
     torch.manual_seed(spec.get("seed", 0))
-    import timm  # noqa: F401  (imports before the baseline: peak memory counts the model and the steps)
-
-    import gps_ds.sparse  # noqa: F401
-    if spec["method"] == "lora":
-        import peft  # noqa: F401
-    baseline_kib = proc_status_kib("VmRSS")
     model = create_model(spec["model"], spec.get("num_classes", 1000), img_size=spec.get("img_size"))
-    method = spec["method"]
     attach, selected = _prepare(model, method, int(spec.get("k", 1)), spec.get("seed", 0))
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -163,6 +152,49 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)  # keep grads allocated: they are part of the state
 
+    return {"step": step, "model": model, "optimizer": optimizer, "params": params, "selected": selected}
+
+
+def _timed(step, cuda: bool, device) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one step."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _imports(spec: dict[str, Any], methods: Sequence[str]) -> None:
+    import torch
+
+    threads = spec.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    import timm  # noqa: F401  (imports before the baseline: peak memory counts the model and the steps)
+
+    import gps_ds.sparse  # noqa: F401
+    if "lora" in methods:
+        import peft  # noqa: F401
+
+
+def run_method(spec: dict[str, Any]) -> dict[str, Any]:
+    """One method in this process: peak memory over the warm-up steps, then (``steps`` > 0) the
+    timed steps with the usual malloc behaviour; returns the measurements."""
+    import torch
+
+    from gps_ds.bench.common import proc_status_kib
+
+    method = spec["method"]
+    _imports(spec, [method])
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    baseline_kib = proc_status_kib("VmRSS")
+    built = _build(spec, method)
+    step = built["step"]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     # Phase 1, memory: untimed steps with the small mmap threshold (step 2 is the first one that
@@ -177,24 +209,18 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         peak_kib = proc_status_kib("VmHWM")
     # Phase 2, time: usual malloc, one step to re-grow the heap, then the timed steps.
     malloc_switched = _malloc_for_timing()
-    step()
     wall, cpu = [], []
-    for _ in range(steps):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0, c0 = time.perf_counter(), time.process_time()
+    if steps > 0:
         step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        t1, c1 = time.perf_counter(), time.process_time()
-        wall.append(t1 - t0)
-        cpu.append(c1 - c0)
-    state = trainable_state_bytes(model, optimizer)
+        for _ in range(steps):
+            w, c = _timed(step, cuda, device)
+            wall.append(w)
+            cpu.append(c)
     out = {
         "method": method,
-        "trainable_params": sum(p.numel() for p in params),
-        "selected": selected,
-        "state_bytes": state,
+        "trainable_params": sum(p.numel() for p in built["params"]),
+        "selected": built["selected"],
+        "state_bytes": trainable_state_bytes(built["model"], built["optimizer"]),
         "wall_s": wall,
         "cpu_s": cpu,
         "threads": torch.get_num_threads(),
@@ -207,6 +233,30 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         out["peak_bytes"] = max(0, peak_kib - baseline_kib) * 1024
         out["peak_rss_bytes"] = peak_kib * 1024
         out["memory_kind"] = "peak RSS (VmHWM) above the pre-model RSS"
+    return out
+
+
+def run_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
+    """Every method of ``spec['methods']`` in this process, timed step by step in turn (the order
+    rotates each step), so a slow spell of a shared machine hits all methods alike; returns
+    {method: {"wall_s": [...], "cpu_s": [...]}}."""
+    import torch
+
+    methods = list(spec["methods"])
+    _imports(spec, methods)
+    _malloc_for_timing()
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    steps = {m: _build(spec, m)["step"] for m in methods}
+    for _ in range(max(int(spec.get("warmup", 2)), 1) + 1):
+        for m in methods:
+            steps[m]()
+    out = {m: {"wall_s": [], "cpu_s": []} for m in methods}
+    for i in range(int(spec.get("steps", 5))):
+        for m in methods[i % len(methods):] + methods[:i % len(methods)]:
+            w, c = _timed(steps[m], cuda, device)
+            out[m]["wall_s"].append(w)
+            out[m]["cpu_s"].append(c)
     return out
 
 
@@ -223,12 +273,13 @@ def _worker_env() -> dict[str, str]:
 def _run_subprocess(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "gps_ds.bench.train", "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(), timeout=timeout)
+    what = f"method {spec['method']}" if "method" in spec else f"timing of {', '.join(spec['methods'])}"
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise BenchError(f"method {spec['method']} failed (exit {proc.returncode}): {tail[0]}")
+        raise BenchError(f"{what} failed (exit {proc.returncode}): {tail[0]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        raise BenchError(f"method {spec['method']} printed no result")
+        raise BenchError(f"{what} printed no result")
     return json.loads(lines[-1])
 
 
@@ -239,8 +290,11 @@ def _ratio(a, b):
 def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: int = 2, rounds: int = 1,
                 methods: Sequence[str] = METHODS, threads: int | None = None, device: str = "cpu",
                 num_classes: int = 1000, img_size: int | None = None, seed: int = 0,
-                timeout: float | None = None) -> dict[str, Any]:
-    """Run every method in its own process (`rounds` times, order rotated per round); one result dict."""
+                timeout: float | None = None, interleave: bool = True) -> dict[str, Any]:
+    """Per round: every method in its own process for peak memory and trainable state; then the
+    step times, with ``interleave`` all methods in one process taking turns step by step
+    (``run_interleaved``), else in each method's own process after its memory phase (order
+    rotated per round). One result dict."""
     from gps_ds.bench.common import OtherLoad, machine
 
     methods = list(dict.fromkeys(methods))
@@ -260,7 +314,12 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
         for r in range(rounds):
             order = methods[r % len(methods):] + methods[:r % len(methods)]
             for m in order:
-                runs[m].append(_run_subprocess({**base, "method": m}, timeout))
+                spec = {**base, "method": m, "steps": 0 if interleave else steps}
+                runs[m].append(_run_subprocess(spec, timeout))
+            if interleave:
+                timed = _run_subprocess({**base, "methods": order}, timeout)
+                for m in order:
+                    runs[m][-1].update(timed[m])
     results: dict[str, dict] = {}
     for m in methods:
         rs = runs[m]
@@ -291,7 +350,7 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
     return {
         "benchmark": "train",
         "model": model, "batch": batch, "k": k, "steps": steps, "warmup": warmup, "rounds": rounds,
-        "input_size": img_size or 224, "num_classes": num_classes,
+        "input_size": img_size or 224, "num_classes": num_classes, "interleave": interleave,
         "memory_kind": runs[methods[0]][0]["memory_kind"],
         "machine": mach,
         "methods": methods,
@@ -321,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # worker entry
     p = argparse.ArgumentParser(prog="python -m gps_ds.bench.train")
     p.add_argument("--worker", required=True, help="JSON spec of one method run")
     args = p.parse_args(argv)
-    print(json.dumps(run_method(json.loads(args.worker))), flush=True)
+    spec = json.loads(args.worker)
+    print(json.dumps(run_interleaved(spec) if "methods" in spec else run_method(spec)), flush=True)
     return 0
 
 
