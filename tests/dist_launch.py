@@ -33,8 +33,9 @@ def launch(world: int, args: list[str], log: Path) -> None:
     """Run `deepspeed --num_gpus world ARGS` with a deadline; the whole process group dies on timeout."""
     env = dict(clean_env(), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                GPS_DS_COLLECTIVE_TIMEOUT="300")
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-           "--master_port", str(free_port()), *args]
+           "--master_port", str(port), *args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -45,6 +46,14 @@ def launch(world: int, args: list[str], log: Path) -> None:
             pytest.fail(f"deepspeed --num_gpus {world} did not finish in {DEADLINE_S} s (hang?); log: {log}")
     if rc != 0:
         pytest.fail(f"deepspeed --num_gpus {world} exited with {rc}:\n{log.read_text()[-4000:]}")
+    left = shm_segments_of(port)
+    assert not left, f"DeepSpeed shared-memory segments left in /dev/shm: {left}"
+
+
+def shm_segments_of(port: int) -> list[str]:
+    """DeepSpeed CPU allreduce segments of the job on `port` still in /dev/shm."""
+    shm = Path("/dev/shm")
+    return sorted(p.name for p in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*")) if shm.is_dir() else []
 
 
 def digits_trainer_settings(digits: Path, out: Path, **extra) -> dict:

@@ -164,6 +164,13 @@ def test_targets_say_met_or_by_how_much():
     assert lines[4].endswith("| **missed** by 0.001 (10.0% over) |")
     assert lines[5] == "| gps-sparse step time below LoRA's | 0.700x vs 0.760x | met |"
     assert train_targets({**result, "batch": 8}) == ""  # no target for that configuration
+    result["results"]["linear"] = res(0.3, 0.2, 0.0089)
+    result["results"]["frozen"] = {**res(0.66, 0.36, 0.0), "step_s": 2.0}
+    result["results"]["gps-sparse"]["step_s"] = 2.14
+    lines = train_targets(result).splitlines()
+    assert lines[4].endswith("(10.0% over); the classifier head alone (`linear`) is 0.0089x |")
+    assert lines[5] == ("| gps-sparse step time over the frozen-weights limit (context, no target) "
+                        "| 1.070x (limit 0.660x full) | - |")
     sel = select_targets({"model": "vit_base_patch16_224", "k": 1, "topk": {"median_s": 0.05},
                           "scoring": {"ratio": 1.2}}).splitlines()
     assert sel[2].endswith("| 0.050 s | met |") and "**missed** by 0.050" in sel[3]

@@ -41,7 +41,15 @@ def train_targets(result: dict[str, Any]) -> str:
     for method, key, limit in TRAIN_TARGETS.get((result["model"], result["batch"], result["k"]), []):
         if method in res and res[method]["ratio"][key] is not None:
             ratio = res[method]["ratio"][key]
-            rows.append((f"{method} {LABELS[key]} <= {limit:g}x full", f"{ratio:.3f}x", _verdict(ratio, limit)))
+            verdict = _verdict(ratio, limit)
+            if key == "state_bytes" and ratio > limit and "linear" in res:
+                verdict += f"; the classifier head alone (`linear`) is {res['linear']['ratio'][key]:.4f}x"
+            rows.append((f"{method} {LABELS[key]} <= {limit:g}x full", f"{ratio:.3f}x", verdict))
+    if "gps-sparse" in res and "frozen" in res and rows and res["frozen"]["step_s"]:
+        frozen = res["frozen"]
+        rows.append(("gps-sparse step time over the frozen-weights limit (context, no target)",
+                     f"{res['gps-sparse']['step_s'] / frozen['step_s']:.3f}x (limit {frozen['ratio']['step_s']:.3f}x full)",
+                     "-"))
     if "gps-sparse" in res and "lora" in res and rows:
         for key in ("step_s", "peak_bytes"):
             mine, lora = res["gps-sparse"]["ratio"][key], res["lora"]["ratio"][key]

@@ -179,7 +179,8 @@ def fused_gather_into(out: Tensor, x2: Tensor, g2: Tensor, idx_t: Tensor, m0: in
     ``idx_t`` is a contiguous (K, R) int32 tensor of columns in [0, C); ``out`` is contiguous.
     """
     k, r = idx_t.shape
-    fn = load().gps_fused_gather_f64 if out.dtype == torch.float64 else load().gps_fused_gather_f32
+    lib = load()
+    fn = lib.gps_fused_gather_f64 if out.dtype == torch.float64 else lib.gps_fused_gather_f32
     tmp = torch.empty(k, r, dtype=out.dtype)
     fn(x2.data_ptr(), x2.stride(0), g2.data_ptr(), g2.stride(0), idx_t.data_ptr(), r, k, m0, m1,
        out.data_ptr(), tmp.data_ptr())
