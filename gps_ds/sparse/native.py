@@ -129,7 +129,7 @@ def load() -> ctypes.CDLL:
         if "error" in _state:
             raise NativeUnavailable(_state["error"])
         try:
-            if os.environ.get("GPS_DS_NO_NATIVE"):
+            if os.environ.get("GPS_DS_NO_NATIVE", "0") not in ("", "0"):
                 raise NativeUnavailable("disabled by GPS_DS_NO_NATIVE")
             cc = _compiler()
             if cc is None:
