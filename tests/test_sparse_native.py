@@ -47,6 +47,18 @@ def test_fused_matches_dense_float64_reference(m, r, c, k, pad):
         assert (out[~valid] == 0).all()
 
 
+@pytest.mark.parametrize("parts", [1, 2])
+def test_fused_bias_gradient_in_the_same_pass(parts):
+    from gps_ds.sparse.linear_kernels import fused_grads
+
+    g2, x2, idx, valid = problem(1500, 700, 90, 1, True)
+    with kernel_settings(cpu_parts=parts):
+        values, bias = fused_grads(g2, x2, idx, valid)
+    torch.testing.assert_close(values.double(), reference(g2, x2, idx, valid), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(bias.double(), g2.double().sum(0), rtol=1e-5, atol=1e-4)
+    assert fused_grads(g2, x2, idx, valid, bias=False)[1] is None
+
+
 def test_fused_float64_is_exact_to_rounding():
     g2, x2, idx, valid = problem(1000, 300, 50, 4, True, dtype=torch.float64)
     out = sampled_fused(g2, x2, idx, valid)

@@ -30,6 +30,7 @@ from .indices import IndexPlan
 from .linear_kernels import (
     acc_dtype,
     csr_layout,
+    fused_grads,
     fused_index,
     sampled_product,
     sparse_term,
@@ -132,6 +133,7 @@ class SparseLinearFunction(torch.autograd.Function):
                 else:
                     gx2 = sparse_term_input_grad(g2, values, plan.idx, plan.valid, g2.matmul(weight.to(dtype)))
                 grad_x = gx2.view(*grad_out.shape[:-1], in_features).to(ctx.x_dtype)
+            want_bias = bias is not None and ctx.needs_input_grad[3]
             if ctx.needs_input_grad[2]:
                 x2 = x_saved.reshape(-1, x_saved.shape[-1])
                 path = S.choose_linear_grad(positions, rows, plan.k, x2.shape[1], dtype, x2.device)
@@ -140,9 +142,14 @@ class SparseLinearFunction(torch.autograd.Function):
                     table = plan.cached("csr", lambda: csr_layout(plan.local, plan.valid))
                 elif path == "fused":
                     table = plan.cached("fused", lambda: fused_index(plan.local, x2.shape[1]))
-                chunk = S.chunk_elems(x2.device, x2.element_size())
-                grad_values = sampled_product(path, g2, x2, plan.local, plan.valid, chunk, table).to(values.dtype)
-            if bias is not None and ctx.needs_input_grad[3]:
+                if path == "fused" and want_bias:  # the bias gradient in the same pass over g2
+                    gv, gb = fused_grads(g2, x2, plan.local, plan.valid, table)
+                    grad_values, grad_bias = gv.to(values.dtype), gb.to(bias.dtype)
+                else:
+                    chunk = S.chunk_elems(x2.device, x2.element_size())
+                    grad_values = sampled_product(path, g2, x2, plan.local, plan.valid, chunk, table)
+                    grad_values = grad_values.to(values.dtype)
+            if want_bias and grad_bias is None:
                 grad_bias = g2.sum(0, dtype=acc_dtype(dtype)).to(bias.dtype)
         return grad_x, None, grad_values, grad_bias, None
 

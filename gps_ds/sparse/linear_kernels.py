@@ -133,26 +133,36 @@ def sampled_fused(g2: Tensor, x2: Tensor, idx: Tensor, valid: Tensor | None, idx
     Position ranges run as parts on CPU threads like ``sampled_gather``. Other devices and
     dtypes (CUDA, half precision), or a machine where the C kernel cannot be built (the
     reason is logged once), take ``sampled_gather``."""
+    return fused_grads(g2, x2, idx, valid, idx_t, bias=False)[0]
+
+
+def fused_grads(
+    g2: Tensor, x2: Tensor, idx: Tensor, valid: Tensor | None, idx_t: Tensor | None = None, bias: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """(selected-entry gradient (R, K), bias gradient (R,) or None): ``sampled_fused``, and with
+    ``bias`` the column sums of ``g2`` accumulated in the same pass over it (one read of the
+    output gradient instead of two)."""
     m, r = g2.shape
     k = idx.shape[1]
     adt = acc_dtype(g2.dtype)
-    if k == 0 or m == 0:
-        return torch.zeros(r, k, dtype=adt, device=g2.device)
-    if not (native.supports(g2) and native.supports(x2) and native.available()):
-        return sampled_gather(g2, x2, idx, valid, 1 << 20)
+    if k == 0 or m == 0 or not (native.supports(g2) and native.supports(x2) and native.available()):
+        values = sampled_gather(g2, x2, idx, valid, 1 << 20)
+        return values, (g2.sum(0, dtype=adt) if bias else None)
     g2, x2 = g2.to(adt), x2.to(adt)
     g2 = g2 if g2.stride(1) == 1 else g2.contiguous()
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     idx_t = fused_index(idx, x2.shape[1]) if idx_t is None else idx_t
 
-    def positions(m0: int, m1: int) -> Tensor:
+    def positions(m0: int, m1: int) -> tuple[Tensor, Tensor | None]:
         out = torch.zeros(k, r, dtype=adt)
-        native.fused_gather_into(out, x2, g2, idx_t, m0, m1)
-        return out
+        col_sums = torch.zeros(r, dtype=adt) if bias else None
+        native.fused_gather_into(out, x2, g2, idx_t, m0, m1, col_sums)
+        return out, col_sums
 
     parts = run_parts(positions, m, parts_for(g2.device, m * r * k))
-    out = sum_in_order(parts).t()
-    return out if valid is None else out.masked_fill(~valid, 0)
+    values = sum_in_order([p[0] for p in parts]).t()
+    values = values if valid is None else values.masked_fill(~valid, 0)
+    return values, (sum_in_order([p[1] for p in parts]) if bias else None)
 
 
 def csr_layout(idx: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:

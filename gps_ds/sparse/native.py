@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_gather.c"
-ABI = 1
+ABI = 2
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {}  # "lib" or "error", filled by the first load()
@@ -116,7 +116,7 @@ def _open(path: Path) -> ctypes.CDLL:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     for name in ("gps_fused_gather_f32", "gps_fused_gather_f64"):
         fn = getattr(lib, name)
-        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr]
+        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
         fn.restype = None
     return lib
 
@@ -172,15 +172,21 @@ def supports(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
-def fused_gather_into(out: Tensor, x2: Tensor, g2: Tensor, idx_t: Tensor, m0: int, m1: int) -> None:
-    """out (K, R) += sum over positions [m0, m1) of x2[m, idx_t[k, r]] * g2[m, r].
+def fused_gather_into(
+    out: Tensor, x2: Tensor, g2: Tensor, idx_t: Tensor, m0: int, m1: int, bias: Tensor | None = None
+) -> None:
+    """out (K, R) += sum over positions [m0, m1) of x2[m, idx_t[k, r]] * g2[m, r]; with ``bias``
+    (R,) also bias += the sum of those rows of g2 (the bias gradient, in the same pass).
 
     ``x2`` (M, C) and ``g2`` (M, R) share a dtype (float32/float64) with unit column stride;
-    ``idx_t`` is a contiguous (K, R) int32 tensor of columns in [0, C); ``out`` is contiguous.
+    ``idx_t`` is a contiguous (K, R) int32 tensor of columns in [0, C); ``out``/``bias`` are
+    contiguous.
     """
     k, r = idx_t.shape
     lib = load()
     fn = lib.gps_fused_gather_f64 if out.dtype == torch.float64 else lib.gps_fused_gather_f32
     tmp = torch.empty(k, r, dtype=out.dtype)
+    btmp = None if bias is None else torch.empty(r, dtype=out.dtype)
     fn(x2.data_ptr(), x2.stride(0), g2.data_ptr(), g2.stride(0), idx_t.data_ptr(), r, k, m0, m1,
-       out.data_ptr(), tmp.data_ptr())
+       out.data_ptr(), tmp.data_ptr(), None if bias is None else bias.data_ptr(),
+       None if btmp is None else btmp.data_ptr())
