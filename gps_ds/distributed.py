@@ -48,7 +48,7 @@ def init_distributed(timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
-        if backend == "gloo" and dist.get_world_size() > 1:
+        if backend == "gloo":  # `deepspeed --num_gpus 1` creates a segment too
             release_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
 

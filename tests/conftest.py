@@ -19,3 +19,20 @@ def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "digits"
     write_digits(out, test_size=0.25, seed=0, progress=False)
     return out
+
+
+def _deepspeed_shm_segments() -> set[str]:
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return set()
+    return {p.name for p in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_deepspeed_shm_left():
+    """Every DeepSpeed run of the suite (launcher, Slurm, ranks started directly) must leave no
+    shared-memory allreduce segment behind (gps_ds.distributed.release_shm_workspace)."""
+    before = _deepspeed_shm_segments()
+    yield
+    left = sorted(_deepspeed_shm_segments() - before)
+    assert not left, f"DeepSpeed shared-memory segments left in /dev/shm by the test session: {left}"
