@@ -112,7 +112,7 @@ def test_interleaved_by_default_separate_on_request(train_result, tmp_path, caps
     out = tmp_path / "B.md"
     assert run(["bench", "train", *ARGS, "--methods", "full,frozen", "--separate", "--json", "--write", str(out)]) == 0
     sep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert sep["interleave"] is False and "--separate" in out.read_text()
+    assert sep["interleave"] is False and "--methods full,frozen --separate`" in out.read_text()
     assert all(len(sep["results"][m]["wall_s"]) == 2 for m in ("full", "frozen"))
     assert sep["results"]["frozen"]["state_bytes"] == 0
 

@@ -33,6 +33,12 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_bench_train)
 
 
+def _methods_flag(methods: list[str]) -> str:
+    from gps_ds.bench.train import METHODS
+
+    return "" if list(methods) == list(METHODS) else f" --methods {','.join(methods)}"
+
+
 def train_section(result: dict) -> tuple[str, str, str]:
     """(key, title, markdown body) of a `bench train` result's section in docs/BENCHMARKS.md."""
     from gps_ds.bench.report import machine_lines
@@ -44,7 +50,8 @@ def train_section(result: dict) -> tuple[str, str, str]:
     timing = ("timed in one process, methods taking turns step by step" if r.get("interleave", True)
               else "each method timed in its own process (--separate)")
     body = (f"`gps-ds bench train --model {r['model']} --batch {r['batch']} --k {r['k']} --steps {r['steps']} "
-            f"--rounds {r['rounds']}{'' if r.get('interleave', True) else ' --separate'}` ({stamp}; {timing})\n\n"
+            f"--rounds {r['rounds']}{_methods_flag(r['methods'])}{'' if r.get('interleave', True) else ' --separate'}` "
+            f"({stamp}; {timing})\n\n"
             f"{machine_lines(r['machine'])}\n* memory: {r['memory_kind']}; trainable state = "
             f"trainable parameters + gradients + AdamW moments\n\n{format_table(r)}\n")
     targets = train_targets(r)
