@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import native
+from . import settings as S
 from .cpu_threads import parts_for, run_parts, sum_in_order
 from .indices import IndexPlan
 
@@ -146,7 +147,7 @@ def fused_grads(
     k = idx.shape[1]
     adt = acc_dtype(g2.dtype)
     if k == 0 or m == 0 or not (native.supports(g2) and native.supports(x2) and native.available()):
-        values = sampled_gather(g2, x2, idx, valid, 1 << 20)
+        values = sampled_gather(g2, x2, idx, valid, S.chunk_elems(g2.device, g2.element_size()))
         return values, (g2.sum(0, dtype=adt) if bias else None)
     g2, x2 = g2.to(adt), x2.to(adt)
     g2 = g2 if g2.stride(1) == 1 else g2.contiguous()
