@@ -31,6 +31,7 @@ class ModelConfig(_Section):
     checkpoint: str | None = None
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     img_size: int | None = Field(None, gt=0)
+    grad_checkpointing: bool = Field(False, description="activation checkpointing of the backbone's blocks")
     family: Literal["auto", "vit", "swin", "convnext", "sam", "generic"] = "auto"
     kwargs: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,0 +1,1 @@
+"""Tasks: what a model is trained to do (classification, segmentation) behind one interface."""
