@@ -1,4 +1,4 @@
-"""Build the backbone a config names: a timm model (optionally with local weights)."""
+"""Build the backbone a config names: a timm model (optionally with local weights), or a SAM."""
 
 from __future__ import annotations
 
@@ -23,15 +23,36 @@ def create_model(
     img_size: int | None = None,
     kwargs: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """timm model `name` with a fresh `num_classes` head; `checkpoint` is a local weights file
     (.safetensors or .pth, loaded with weights_only) whose head and position embedding timm adapts.
-    `device="meta"` builds shapes only (for counting)."""
+    `device="meta"` builds shapes only (for counting). `grad_checkpointing` recomputes the
+    backbone's blocks in the backward pass.
+
+    `sam_small`, `sam_vit_b`, `sam_vit_l`, `sam_vit_h` build a `SamSegmenter` (binary masks;
+    `num_classes` is ignored) whose weights come only from `checkpoint`."""
+    from gps_ds.models.sam import SAM_MODEL_NAMES, create_sam
+
+    if name in SAM_MODEL_NAMES:
+        return create_sam(name, pretrained=pretrained, checkpoint=checkpoint, drop_path_rate=drop_path_rate,
+                          img_size=img_size, kwargs=kwargs, device=device, grad_checkpointing=grad_checkpointing)
+    model = _create_timm_model(name, num_classes, pretrained=pretrained, checkpoint=checkpoint,
+                               drop_path_rate=drop_path_rate, img_size=img_size, kwargs=kwargs, device=device)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _create_timm_model(name: str, num_classes: int, *, pretrained: bool | str, checkpoint: str | None,
+                       drop_path_rate: float, img_size: int | None, kwargs: dict[str, Any] | None,
+                       device: str | torch.device | None) -> nn.Module:
     import timm
     from safetensors import SafetensorError
 
     if not timm.is_model(name):
-        raise ModelError(f"unknown model.name '{name}' (not a timm model)")
+        raise ModelError(f"unknown model.name '{name}' (not a timm model, nor one of sam_small, sam_vit_b, "
+                         f"sam_vit_l, sam_vit_h)")
     extra = dict(kwargs or {})
     if img_size is not None:
         extra["img_size"] = img_size
@@ -97,15 +118,19 @@ def create_model_from_config(cfg, device: str | torch.device | None = None) -> n
     Weights not loaded from a checkpoint (the new head, or everything when training from
     scratch) are drawn right after seeding with `train.seed`, so evaluation and delta merging
     can rebuild exactly the base a run started from."""
+    from gps_ds.models.sam import SAM_MODEL_NAMES
+
     m = cfg.model
     num_classes = m.num_classes
     if num_classes is None:
         from gps_ds.data.loaders import resolve_num_classes
 
-        num_classes = resolve_num_classes(cfg.data)
+        # SAM predicts one binary mask: no class count to look up.
+        num_classes = 1 if m.name in SAM_MODEL_NAMES else resolve_num_classes(cfg.data)
         m.num_classes = num_classes
     torch.manual_seed(cfg.train.seed)
     return create_model(
         m.name, num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint,
         drop_path_rate=m.drop_path_rate, img_size=m.img_size, kwargs=m.kwargs, device=device,
+        grad_checkpointing=m.grad_checkpointing,
     )
