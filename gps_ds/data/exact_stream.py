@@ -21,16 +21,23 @@ import torch
 from webdataset.tariterators import base_plus_ext, tarfile_samples
 
 from .corrupt import CorruptCounter, classify
-from .samples import SampleProcessor, collate, worker_info
+from .samples import SampleProcessor, SegTargets, collate, worker_info  # noqa: F401 - SegTargets re-exported
 from .train_stream import NoDataError
 
 
 class EvalBatch(NamedTuple):
     """One evaluation batch. ``valid[i]`` is False for padding and unreadable samples:
-    leave those out of every metric."""
+    leave those out of every metric.
+
+    ``targets``: class indices ``int64 [B]`` (classification), or for segmentation a
+    :class:`~gps_ds.data.samples.SegTargets` ``(masks, originals)``: ``masks`` float
+    ``[B, 1, S, S]`` in {0, 1}, resized and padded like the inputs; ``originals`` a list
+    of ``B`` bool ``[H_i, W_i]`` masks at the images' original resolution (what the
+    metrics compare against). Entry ``i`` of ``inputs``, ``masks``, ``originals``,
+    ``valid`` and ``keys`` is the same sample (padding copies included, with key ``""``)."""
 
     inputs: Any
-    targets: torch.Tensor
+    targets: Any
     valid: torch.Tensor
     keys: list[str]
 

@@ -38,12 +38,18 @@ def _pin(device: Device) -> bool:
 
 def _finish_batch(normalize: BatchNormalize, mixup: Optional[Callable] = None) -> Callable[[Any], Any]:
     """Batch post-processing in the main process: uint8 -> normalised float, everything
-    moved to the loader's device (if any), then mixup/cutmix."""
+    moved to the loader's device (if any), then mixup/cutmix.
+
+    Segmentation images arrive already normalised (float32; the padding must be exact zeros
+    after normalisation, as ``Sam.preprocess`` pads), so ``normalize`` passes them through
+    and they are only moved, with the masks and, in evaluation, the list of original masks."""
     dev = normalize.device
 
     def move(t: Any) -> Any:
         if dev is None:
             return t
+        if isinstance(t, tuple) and hasattr(t, "_fields"):  # SegTargets (masks, originals)
+            return type(t)(*(move(v) for v in t))
         if isinstance(t, (tuple, list)):
             return type(t)(move(v) for v in t)
         return t.to(dev, non_blocking=True)
@@ -199,7 +205,8 @@ def _exact_loader(cfg: DataConfig, which: str, rank: Optional[int], world_size: 
     shardset = shardlib.resolve(*_spec(cfg, which))
     keys = few_shot_keys(cfg, shardset.urls, counter) if (which == "train" and cfg.few_shot) else None
     counts = shardset.counts if keys is not None else shardset.with_counts(counter.handler).counts
-    processor = SampleProcessor(transform, segmentation=cfg.recipe == "segmentation")
+    seg = cfg.recipe == "segmentation"
+    processor = SampleProcessor(transform, segmentation=seg, originals=seg and not drop_last)
     stream = ExactStream(shardset.urls, counts, rank=rank, world_size=world_size, batch_size=batch_size,
                          processor=processor, counter=counter, drop_last=drop_last, keys=keys)
     return Loader(stream, stream.batches, cfg.workers, counter, seed=cfg.seed, rank=rank,
@@ -211,7 +218,9 @@ def make_eval_loader(cfg: DataConfig, rank: Optional[int] = None, world_size: Op
                      split: str = "test", counter: Optional[CorruptCounter] = None, device: Device = None) -> Loader:
     """Evaluation batches :class:`~gps_ds.data.exact_stream.EvalBatch` ``(inputs, targets,
     valid, keys)`` over ``cfg.test`` (``split="val"``: ``cfg.val``). Every sample appears
-    exactly once with ``valid=True`` across all ranks; all ranks run ``len()`` batches."""
+    exactly once with ``valid=True`` across all ranks; all ranks run ``len()`` batches.
+    Segmentation targets are ``SegTargets(masks [B, 1, S, S], originals)`` (see
+    :class:`~gps_ds.data.exact_stream.EvalBatch`)."""
     if split not in ("test", "val", "train"):
         raise ValueError(f"split must be 'test', 'val' or 'train', got {split!r}")
     return _exact_loader(cfg, split, rank, world_size, batch_size_per_rank,

@@ -4,23 +4,47 @@ a batch, and find out which DataLoader worker this is."""
 from __future__ import annotations
 
 import io
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .decode import decode_label, decode_sample, image_bytes
 
-Target = Union[int, torch.Tensor]
+class MaskWithOriginal(NamedTuple):
+    """One segmentation evaluation target: the transformed mask and the stored mask."""
+
+    mask: torch.Tensor       # [1, S, S] float {0, 1}, resized and padded like the image
+    original: torch.Tensor   # [H, W] bool at the image's original resolution
+
+
+class SegTargets(NamedTuple):
+    """``EvalBatch.targets`` of segmentation: ``masks, originals = batch.targets``."""
+
+    masks: torch.Tensor              # [B, 1, S, S] float {0, 1}
+    originals: list[torch.Tensor]    # B bool masks [H_i, W_i] (foreground = stored pixel > 127)
+
+
+Target = Union[int, torch.Tensor, MaskWithOriginal]
+
+
+def original_mask(mask: Image.Image) -> torch.Tensor:
+    """The stored mask (``L``) as a bool ``[H, W]`` tensor, foreground where ``> 127``."""
+    return torch.from_numpy(np.asarray(mask) > 127)
 
 
 class SampleProcessor:
     """``raw sample -> (inputs, target)``. ``transform`` takes the image (classification)
-    or ``(image, mask)`` (segmentation). Raises on missing members or bad bytes."""
+    or ``(image, mask)`` (segmentation). With ``originals=True`` (segmentation evaluation)
+    the target is a :class:`MaskWithOriginal`. Raises on missing members or bad bytes."""
 
-    def __init__(self, transform: Callable, segmentation: bool = False) -> None:
+    def __init__(self, transform: Callable, segmentation: bool = False, originals: bool = False) -> None:
+        if originals and not segmentation:
+            raise ValueError("originals=True needs segmentation=True")
         self.transform = transform
         self.segmentation = segmentation
+        self.originals = originals
         self.lazy = bool(getattr(transform, "accepts_lazy", False)) and not segmentation
 
     def decode(self, sample: dict[str, Any]) -> tuple[Image.Image, Any]:
@@ -30,7 +54,8 @@ class SampleProcessor:
 
     def apply(self, img: Image.Image, target: Any) -> tuple[Any, Target]:
         if self.segmentation:
-            return self.transform(img, target)
+            x, m = self.transform(img, target)
+            return (x, MaskWithOriginal(m, original_mask(target))) if self.originals else (x, m)
         return self.transform(img), target
 
     def __call__(self, sample: dict[str, Any]) -> tuple[Any, Target]:
@@ -50,9 +75,12 @@ def stack(values: Sequence[Any]) -> Any:
     return torch.as_tensor(values)
 
 
-def collate(pairs: Sequence[tuple[Any, Target]]) -> tuple[Any, torch.Tensor]:
-    """``[(x, y), ...] -> (X, Y)``; integer labels become an int64 tensor."""
+def collate(pairs: Sequence[tuple[Any, Target]]) -> tuple[Any, Any]:
+    """``[(x, y), ...] -> (X, Y)``; integer labels become an int64 tensor, masks with
+    originals a :class:`SegTargets`."""
     xs, ys = zip(*pairs)
+    if isinstance(ys[0], MaskWithOriginal):
+        return stack(xs), SegTargets(torch.stack([y.mask for y in ys]), [y.original for y in ys])
     if isinstance(ys[0], torch.Tensor):
         return stack(xs), torch.stack(list(ys))
     return stack(xs), torch.tensor(ys, dtype=torch.int64)

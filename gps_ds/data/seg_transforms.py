@@ -7,7 +7,7 @@ and right to ``size x size`` (as ``Sam.preprocess`` pads: zeros after normalisat
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torchvision.transforms.functional as TF
@@ -49,3 +49,16 @@ class JointTransform:
 
     def __repr__(self) -> str:
         return f"JointTransform(size={self.size}, hflip={self.hflip}, vflip={self.vflip})"
+
+
+def valid_region(original_sizes: Sequence[Union[tuple[int, int], torch.Tensor]], size: int,
+                 device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """bool ``[B, 1, size, size]``: True on the unpadded pixels of each padded input.
+    ``original_sizes``: ``(height, width)`` pairs, or the original masks themselves
+    (``EvalBatch.targets.originals``)."""
+    region = torch.zeros(len(original_sizes), 1, size, size, dtype=torch.bool, device=device)
+    for i, item in enumerate(original_sizes):
+        height, width = item.shape[-2:] if isinstance(item, torch.Tensor) else item
+        w, h = longest_side_shape(int(width), int(height), size)
+        region[i, 0, :h, :w] = True
+    return region

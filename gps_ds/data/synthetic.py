@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -45,9 +45,10 @@ def make_imagefolder(root: PathLike, classes: int = 3, per_class: Union[int, Seq
 
 
 def make_kvasir(root: PathLike, n: int = 10, size: tuple[int, int] = (64, 48), seed: int = 0,
-                bbox: bool = True) -> Path:
+                bbox: bool = True, sizes: Optional[Sequence[tuple[int, int]]] = None) -> Path:
     """A Kvasir-SEG-like folder: ``images/<id>.jpg``, ``masks/<id>.jpg`` (an ellipse, saved
-    as JPEG so it has fuzzy edges like the real masks) and ``kavsir_bboxes.json``."""
+    as JPEG so it has fuzzy edges like the real masks) and ``kavsir_bboxes.json``. Image
+    ``i`` is ``sizes[i % len(sizes)]`` ``(width, height)`` when given, else ``size``."""
     import json
 
     rng = np.random.default_rng(seed)
@@ -56,6 +57,8 @@ def make_kvasir(root: PathLike, n: int = 10, size: tuple[int, int] = (64, 48), s
     (root / "masks").mkdir(parents=True, exist_ok=True)
     boxes = {}
     for i in range(n):
+        if sizes:
+            size = tuple(sizes[i % len(sizes)])
         sid = f"cju{i:04d}x{int(rng.integers(0, 10**6)):06d}"
         random_image(rng, *size).save(root / "images" / f"{sid}.jpg", quality=90)
         x0, y0 = int(rng.integers(0, size[0] // 2)), int(rng.integers(0, size[1] // 2))
