@@ -87,6 +87,7 @@ def test_padding_outside_region_cannot_leak():
     logits, target = _hand_batch()
     big = torch.full((2, 1, 3, 3), float("inf"), dtype=torch.float64)
     big[..., 2, 0] = -1e9
+    big[..., 2, 2] = float("nan")
     big[..., :2, :2] = logits
     big_t = torch.ones(2, 1, 3, 3, dtype=torch.float64)
     big_t[..., :2, :2] = target
