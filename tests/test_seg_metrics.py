@@ -103,12 +103,13 @@ def test_valid_region_marks_the_unpadded_pixels():
 def test_meter_skips_padding_and_averages_losses():
     exact = torch.full((1, 1, 8, 8), -5.0)
     exact[..., :4, :4] = 5.0  # 4x4 original at S = 8: the 2x2 corner becomes the 4x4 corner -> Dice = IoU = 1
-    logits = torch.cat([torch.full((1, 1, 8, 8), 5.0), exact, torch.full((1, 1, 8, 8), 5.0)])
+    logits = torch.cat([torch.full((1, 1, 8, 8), 5.0), exact, torch.full((1, 1, 8, 8), -5.0)])
     gt_u8 = _gt_4x4().to(torch.uint8) * 255  # stored masks are 0/255 uint8
     meter = SegmentationMeter("cpu")
     meter.update(logits, [_gt_4x4(), gt_u8, torch.zeros(2, 2, dtype=torch.bool)],
                  torch.tensor([True, True, False]), torch.tensor([0.5, 1.5, float("nan")]))
-    # images: everything-as-polyp (Dice .4, IoU .25) and exact (1, 1); the third is padding
+    # images: everything-as-polyp (Dice .4, IoU .25) and exact (1, 1); the third is padding (it would
+    # score 1, 1: nothing predicted on an empty mask) with a NaN loss
     got = meter.compute()
     assert got["count"] == 2 and got["eval_loss"] == pytest.approx(1.0)
     assert got["mdice"] == pytest.approx(0.7, abs=1e-15) and got["miou"] == pytest.approx(0.625, abs=1e-15)
