@@ -84,6 +84,18 @@ def test_gradients_equal_upstream_and_reach_encoder_decoder_no_mask_embed(with_b
                                    rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_forward_works_in_bf16_with_fp32_positional_encoding():
+    # DeepSpeed casts the whole module (buffers too) to bf16; upstream's PromptEncoder then fails
+    # on a dtype mismatch in its positional encoding.
+    model = small_sam()
+    x = images()
+    with torch.no_grad():
+        want = model(x, BOXES)
+        got = model.to(torch.bfloat16)(x.bfloat16(), BOXES)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert torch.corrcoef(torch.stack([got.float().flatten(), want.flatten()]))[0, 1] > 0.99
+
+
 def test_grad_checkpointing_gives_the_same_gradients_and_recomputes_blocks():
     model = small_sam(kwargs={"depth": 3, "global_attn_indexes": [2]})
     x = images(batch=2)

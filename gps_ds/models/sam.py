@@ -119,9 +119,9 @@ class SamSegmenter(nn.Module):
         pe = self.prompt_encoder
         in_h, in_w = pe.input_image_size
         corners = (boxes.float() + 0.5).reshape(-1, 2, 2)
-        scale = torch.tensor([in_w, in_h], device=boxes.device, dtype=torch.float32)
+        unit = torch.stack([corners[..., 0] / in_w, corners[..., 1] / in_h], dim=-1)
         corner_type = torch.cat([pe.point_embeddings[2].weight, pe.point_embeddings[3].weight], dim=0)
-        return self._fourier_pe(corners / scale) + corner_type
+        return self._fourier_pe(unit) + corner_type
 
     def _decode_single_mask(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """MaskDecoder.predict_masks with one prompt set per image (no repeat_interleave), keeping
@@ -153,11 +153,12 @@ def boxes_from_masks(masks: torch.Tensor, jitter: float = 0.1, max_shift: int = 
     if jitter > 0 and max_shift > 0:
         side = (boxes[:, 2:] - boxes[:, :2] + 1).repeat(1, 2)  # [w, h, w, h]
         reach = torch.clamp(side * jitter, max=float(max_shift))
+        # A generator on another device than the masks costs one small copy.
         gen_device = generator.device if generator is not None else masks.device
         unit = torch.rand(boxes.shape, generator=generator, device=gen_device).to(masks.device)
         boxes = boxes + (2 * unit - 1) * reach
-        limit = torch.tensor([width - 1, height - 1, width - 1, height - 1], device=masks.device, dtype=boxes.dtype)
-        boxes = torch.minimum(boxes.clamp(min=0), limit)
+        xs, ys = boxes[:, 0::2].clamp(0, width - 1), boxes[:, 1::2].clamp(0, height - 1)
+        boxes = torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=1)
         # A tiny box can have its sides cross; keep x0 <= x1 and y0 <= y1.
         lo, hi = torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])
         boxes = torch.cat([lo, hi], dim=1)
@@ -165,12 +166,10 @@ def boxes_from_masks(masks: torch.Tensor, jitter: float = 0.1, max_shift: int = 
 
 
 def _first_last(occupied: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last True index along dim 1 of [B, length]; 0 and length-1 for an empty row."""
-    any_set = occupied.any(dim=1)
+    """First and last True index along dim 1 of [B, length]; 0 and length-1 for an empty row
+    (argmax of an all-zero row is 0 from either end)."""
     as_int = occupied.to(torch.uint8)
-    first = as_int.argmax(dim=1)
-    last = length - 1 - as_int.flip(dims=[1]).argmax(dim=1)
-    return torch.where(any_set, first, 0), torch.where(any_set, last, length - 1)
+    return as_int.argmax(dim=1), length - 1 - as_int.flip(dims=[1]).argmax(dim=1)
 
 
 def _assemble(img_size: int, patch: int, enc_dim: int, depth: int, heads: int, global_idx: Sequence[int],
