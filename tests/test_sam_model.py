@@ -165,7 +165,8 @@ def test_bad_checkpoints_are_one_line_errors_naming_file_and_key(tmp_path):
     renamed = dict(state)
     renamed["image_encoder.blocks.0.attn.qkv.weight_renamed"] = renamed.pop("image_encoder.blocks.0.attn.qkv.weight")
     torch.save(renamed, tmp_path / "renamed.pth")
-    msg = _one_line_error("'image_encoder.blocks.0.attn.qkv.weight' is missing", checkpoint=str(tmp_path / "renamed.pth"))
+    msg = _one_line_error("'image_encoder.blocks.0.attn.qkv.weight' is missing",
+                          checkpoint=str(tmp_path / "renamed.pth"))
     assert str(tmp_path / "renamed.pth") in msg
 
     extra = dict(state, **{"mask_decoder.extra": torch.zeros(1)})
@@ -226,7 +227,8 @@ def test_sam_vit_b_has_upstream_names_shapes_and_count():
     assert "pixel_mean" not in ours and meta.pixel_mean.shape == (3, 1, 1)
 
     # Same layout at another size: only pos_embed and the global blocks' rel_pos tables change.
-    meta512 = {n: tuple(p.shape) for n, p in create_model("sam_vit_b", 0, img_size=512, device="meta").state_dict().items()}
+    model512 = create_model("sam_vit_b", 0, img_size=512, device="meta")
+    meta512 = {n: tuple(p.shape) for n, p in model512.state_dict().items()}
     assert list(meta512) == list(theirs)
     changed = sorted(n for n in theirs if meta512[n] != theirs[n])
     assert changed == sorted(["image_encoder.pos_embed"] + [f"image_encoder.blocks.{i}.attn.rel_pos_{a}"

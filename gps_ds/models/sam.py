@@ -249,7 +249,8 @@ def create_sam(name: str, *, pretrained: bool | str = False, checkpoint: str | N
             model = build_small_sam(img_size or SMALL_SAM_DEFAULT_SIZE, **dict(kwargs or {}))
         else:
             if kwargs:
-                raise ModelError(f"model.kwargs.{next(iter(kwargs))} is not used by {name} (only sam_small takes sizes)")
+                raise ModelError(f"model.kwargs.{next(iter(kwargs))} is not used by {name} "
+                                 f"(only sam_small takes sizes)")
             model = build_sam(name.removeprefix("sam_"), img_size or SAM_NATIVE_SIZE)
     if checkpoint is not None and torch.device(device or "cpu").type != "meta":
         load_sam_checkpoint(model, checkpoint)
