@@ -79,6 +79,10 @@ def test_kvasir_val_with_id_lists_and_cli(kvasir_root, tmp_path):
     assert {s: v["size"] for s, v in info["splits"].items()} == {"train": 12, "val": 3, "test": 5}
     val = {k.split("_", 1)[1] for k in _members(tmp_path / "out", "val")}
     assert val <= set(ids[5:])  # carved from train, never from the given test ids
+    assert cli_main(["shards", "kvasir", str(kvasir_root), str(tmp_path / "seed7"), "--test-ids",
+                     str(tmp_path / "test.txt"), "--val-size", "3", "--seed", "7", "--quiet"]) == 0
+    assert {k.split("_", 1)[1] for k in _members(tmp_path / "seed7", "val")} != val  # the carve-out is seeded
+    assert {k.split("_", 1)[1] for k in _members(tmp_path / "seed7", "test")} == set(ids[:5])
     assert cli_main(["shards", "kvasir", str(kvasir_root), str(tmp_path / "bad"), "--val-size", "16",
                      "--test-size", "4", "--quiet"]) == 2  # 16 of 16 training images: none left
     with pytest.raises(ValueError, match="val_size"):
