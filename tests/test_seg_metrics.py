@@ -195,3 +195,37 @@ def test_two_rank_reduction_equals_one_process(tmp_path):
         assert got["count"] == want["count"]
         for key in ("mdice", "miou", "eval_loss"):
             assert math.isclose(got[key], want[key], rel_tol=1e-12, abs_tol=1e-15), (key, got, want)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Records tensor -> Python reads (each one a device synchronisation on an accelerator)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_update_and_losses_never_read_the_device():
+    """A CPU proxy for "no host sync per batch": update() and the losses call no .item(), .tolist(),
+    bool(), float(), .cpu() on tensors; compute() reads the accumulator once."""
+    from gps_ds.tasks.segmentation_losses import bce_soft_iou_loss
+
+    logits, originals, valid, _ = _case()
+    meter = SegmentationMeter("cpu")
+    with _HostReads() as mode:
+        masks = torch.stack([torch.zeros(1, S, S)] * len(originals))
+        losses = bce_soft_iou_loss(logits, masks, region=valid_region(originals, S), reduction="none")
+        meter.update(logits, originals, valid, losses)
+        meter.update(logits, [o.to(torch.uint8) * 255 for o in originals], valid)
+    assert mode.reads == []
+    with _HostReads() as mode:
+        meter.compute()
+    assert mode.reads == ["tolist"]
