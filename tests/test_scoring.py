@@ -60,5 +60,45 @@ def test_supcon_scores_on_timm_vit_are_deterministic():
     for n in roles.candidates:
         assert torch.equal(a.scores[n], b.scores[n])
         assert a.scores[n].shape == dict(model.named_parameters())[n].shape
-    # The supcon loss never touches the head, so scoring must not need it.
     assert float(sum(s.sum() for s in a.scores.values())) > 0
+
+
+def test_supcon_scoring_leaves_the_head_and_the_model_untouched():
+    """The SupCon loss works on the pre-logits feature: the head is never called, its weights
+    and gradients stay as they were, the scores do not depend on it, and every parameter, flag
+    and the train/eval mode are what they were before (compared with copies taken before)."""
+    torch.manual_seed(0)
+    model = create_model("test_vit", 3, img_size=32)
+    roles = classify(model)
+    assert roles.head, "test_vit has a head"
+    g = torch.Generator().manual_seed(1)
+    batches = [((torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)), torch.tensor([0, 1, 0, 2]))
+               for _ in range(2)]
+    params = dict(model.named_parameters())
+    # A mixed set of flags, so "restored" cannot mean "all True".
+    frozen = [n for n in params if "norm" in n][:2]
+    for n in frozen:
+        params[n].requires_grad_(False)
+    model.train()
+    before = {n: p.detach().clone() for n, p in params.items()}
+    flags = {n: p.requires_grad for n, p in params.items()}
+    calls = []
+    hook = model.get_submodule(roles.head[0].rsplit(".", 1)[0]).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        res = accumulate_scores(model, batches, make_score_loss("supcon"), roles.candidates)
+    finally:
+        hook.remove()
+    assert calls == [], "the head module ran during SupCon scoring"
+    for n, p in params.items():
+        assert torch.equal(p.detach(), before[n]), f"{n} changed"
+        assert p.requires_grad == flags[n], f"{n}: requires_grad not restored"
+        assert p.grad is None, f"{n}: gradient left behind"
+    assert model.training
+    # The scores do not depend on the head: another head gives the same scores, bit for bit.
+    with torch.no_grad():
+        for n in roles.head:
+            params[n].copy_(torch.randn(params[n].shape, generator=g))
+    other = accumulate_scores(model, batches, make_score_loss("supcon"), roles.candidates)
+    for n in roles.candidates:
+        assert torch.equal(res.scores[n], other.scores[n]), n
+    assert float(sum(s.sum() for s in res.scores.values())) > 0

@@ -2,8 +2,13 @@
 
 Each launch (`deepspeed --num_gpus N tests/dist_scripts/zero_scoring_check.py`) loops over
 ZeRO stages in one process per rank and writes a JSON report; the tests below assert on it.
-Two launches in all (2 ranks: stages 0-3, SupCon, engine reuse; 3 ranks: stages 2 and 3) plus
-one of `launchers/select.py`.  Every subprocess runs in its own process group with a deadline
+Two launches in all (2 ranks: stages 0-3, SupCon, engine reuse; 3 ranks: stages 0-3) plus
+one of `launchers/select.py`.
+
+"Equal to the single-process mask" is asserted on every row: a row may differ only where the
+single-process scores tie at the K-th value within 2e-5 of the tensor's largest score (the
+rounding of another summation order, itself asserted below 1e-5); magnitude and
+random-neuron selections must be bit-for-bit equal (see the script's check_groups).  Every subprocess runs in its own process group with a deadline
 and is killed as a group when it passes it.
 """
 
@@ -35,20 +40,32 @@ def report2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report3(tmp_path_factory):
-    return run_check(3, "2,3", tmp_path_factory.mktemp("zs3"), [])
+    return run_check(3, "0,1,2,3", tmp_path_factory.mktemp("zs3"), [])
+
+
+def check_equal_up_to_ties(c: dict, what) -> None:
+    """Counts from the script's check_groups: every group selects exactly its n entries, and a
+    group differs from the brute-force single-process top-n only at a near-tie."""
+    assert c["groups"] > 0, what
+    assert c["bad_count"] == 0, (what, c)
+    assert c["violations"] == 0 and c["differ_unexplained"] == 0, (what, c)
+    assert c["differ_without_near_tie"] == 0, (what, c)
+    assert c["differ"] <= c["near_tie_groups"], (what, c)
 
 
 def check_stage(entry: dict, world: int) -> None:
-    for k in KS:
-        g = entry["gps"][k]
-        assert g["frac_same"] >= 0.999, g
-        # Rows may differ only where the dense scores are tied to within 1e-5 (relative).
-        assert g["worst_rel_gap"] < 1e-5, g
     assert entry["max_rel_score_err"] < 1e-5
-    assert entry["same_on_all_ranks"]
+    for k in KS:
+        check_equal_up_to_ties(entry["gps"][k], ("gps", k))
+        assert entry["gps"][k]["tensors_missing"] == 0
+    for scheme in ("net", "layer"):
+        check_equal_up_to_ties(entry[scheme], scheme)
+    # No numerical reason to differ: bit-for-bit the single-process selection.
+    for scheme in ("magnitude", "random_neuron"):
+        e = entry[scheme]
+        assert e["tensors"] > 0 and e["tensors_differ"] == 0 and e["rows_differ"] == 0, (scheme, e)
+    assert entry["ranks_with_other_digest"] == 0
     assert entry["samples"] == 48 and entry["batches"] == 4
-    for scheme in ("net", "layer", "magnitude", "random_neuron"):
-        assert entry[scheme] >= 0.999, (scheme, entry[scheme])
     # Rank 0 scored only what it owns: about 1/world of the candidates (ZeRO rounds each
     # tensor's or group's partition up a little).
     total = entry["memory"]["candidate_numel"]
@@ -91,14 +108,22 @@ def test_zero3_partitions_weights_for_magnitude(report2):
 
 def test_two_ranks_supcon_zero3(report2):
     s = report2["supcon_zero3"]
-    assert s["max_rel_score_err"] < 1e-5 and s["frac_same"] >= 0.999 and s["worst_rel_gap"] < 1e-5
+    assert s["max_rel_score_err"] < 1e-5
+    check_equal_up_to_ties(s, "supcon")
 
 
 def test_released_zero3_model_trains(report2):
-    assert report2["reuse_after_release"]["ok"]
+    r = report2["reuse_after_release"]
+    # The released, still partitioned model computes what the fresh model computes...
+    assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-6)
+    # ...its untrained weights are the fresh ones, bit for bit...
+    assert r["backbone_tensors"] > 0 and r["backbone_bit_identical"]
+    # ...and one AdamW step on the head equals one process's step on the global batch.
+    assert r["head_moved_entries"] == r["head_entries"] > 0
+    assert r["head_max_abs_err"] < 1e-6, r
 
 
-@pytest.mark.parametrize("stage", ["2", "3"])
+@pytest.mark.parametrize("stage", ["0", "1", "2", "3"])
 def test_three_ranks_match_single_process(report3, stage):
     check_stage(report3["stages"][stage], 3)
     check_no_optimizer_state(report3["stages"][stage])
