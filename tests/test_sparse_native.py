@@ -1,13 +1,24 @@
 """The fused C gather kernel: numbers against a dense float64 product, threads, strides,
-fallbacks, and its build cache (rebuilt when damaged; absent compiler -> torch kernels)."""
+fallbacks, and its build cache (rebuilt when damaged; absent compiler -> torch kernels).
+
+The numeric tests run on any machine: without a C compiler ``sampled_fused`` takes the torch
+gather and must give the same numbers.  The tests that need the compiled library are skipped,
+by name, where no compiler exists (``needs_cc``); the fresh-machine path with no compiler at
+all is tested explicitly (``test_fresh_machine_without_any_compiler``) wherever this runs.
+"""
 
 import os
+import shutil
 
 import pytest
 import torch
 
 from gps_ds.sparse import kernel_settings, native
 from gps_ds.sparse.linear_kernels import fused_index, sampled_dense, sampled_fused, sampled_gather
+
+HAVE_CC = native._compiler() is not None
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc, gcc, clang or $CC): the fused kernel "
+                                                  "cannot be built here; the torch fallback is tested instead")
 
 
 @pytest.fixture
@@ -111,6 +122,7 @@ torch.testing.assert_close(sampled_fused(g2, x2, idx, None).double(), ref, rtol=
 """
 
 
+@needs_cc
 def test_cache_is_built_once_and_rebuilt_when_damaged(tmp_path):
     # Separate processes: a process keeps a loaded library mapped, so damage is only seen
     # by the next one (a rebuild replaces the file by rename, never in place).
@@ -145,6 +157,7 @@ def test_without_a_compiler_the_torch_kernels_run(fresh_native, monkeypatch, cap
     assert not fresh_native.exists() or not list(fresh_native.glob("*.so"))
 
 
+@needs_cc
 def test_compile_error_is_reported_and_leaves_no_file(fresh_native, monkeypatch):
     monkeypatch.setattr(native, "compile_flags", lambda: ["-O3", "-fPIC", "-shared", "--no-such-flag"])
     assert not native.available()
@@ -155,4 +168,69 @@ def test_compile_error_is_reported_and_leaves_no_file(fresh_native, monkeypatch)
 def test_switched_off_by_environment(fresh_native, monkeypatch):
     monkeypatch.setenv("GPS_DS_NO_NATIVE", "1")
     assert not native.available() and "GPS_DS_NO_NATIVE" in native.unavailable_reason()
-    assert os.environ["GPS_DS_NO_NATIVE"] == "1"
+    with pytest.raises(native.NativeUnavailable, match="GPS_DS_NO_NATIVE"):
+        native.load()
+    # Nothing was compiled or loaded, and the fused entry point still gives the right numbers.
+    assert "lib" not in native._state
+    assert not fresh_native.exists() or not list(fresh_native.iterdir())
+    g2, x2, idx, valid = problem(80, 30, 12, 2, True)
+    torch.testing.assert_close(sampled_fused(g2, x2, idx, valid).double(), reference(g2, x2, idx, valid),
+                               rtol=1e-5, atol=1e-4)
+    if HAVE_CC:  # the switch, not the machine, turned it off: "0" turns it back on
+        monkeypatch.setenv("GPS_DS_NO_NATIVE", "0")
+        native.reset()
+        assert native.available() and list(fresh_native.glob("fused_gather-*.so"))
+
+
+def _fused_cheapest_shape():
+    """A Linear shape whose selected-entry gradient the cost model gives to "fused" when the
+    kernel exists (ViT-B MLP-like: many positions, wide input, K=2)."""
+    return dict(positions=4096, rows=3072, k=2, cols=768, dtype=torch.float32, device=torch.device("cpu"), threads=1)
+
+
+def test_fresh_machine_without_any_compiler(fresh_native, monkeypatch, tmp_path):
+    """No $CC and no cc/gcc/clang on PATH (a fresh machine): the kernel reports why it is
+    unavailable, "auto" never picks it, a forced "fused" runs the torch gather, and a sparse
+    Linear trains with gradients equal to a float64 dense reference."""
+    from gps_ds.sparse.modules import SparseLinear
+    from gps_ds.sparse.settings import choose_linear_grad
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("GPS_DS_NO_NATIVE", raising=False)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert all(shutil.which(c) is None for c in ("cc", "gcc", "clang"))
+    assert not native.available()
+    assert "no C compiler found" in native.unavailable_reason()
+    with pytest.raises(native.NativeUnavailable, match="no C compiler"):
+        native.load()
+    assert not fresh_native.exists() or not list(fresh_native.iterdir())
+    with kernel_settings(linear_grad="auto"):
+        assert choose_linear_grad(**_fused_cheapest_shape()) != "fused"
+
+    torch.manual_seed(0)
+    idx = torch.stack([torch.randperm(24)[:3].sort().values for _ in range(10)])
+    lin = SparseLinear(24, 10, idx)
+    x = torch.randn(7, 5, 24)
+    with kernel_settings(linear_grad="fused"):
+        lin(x).square().sum().backward()
+    # Reference: the same Linear, dense, in float64; its weight gradient at the selected entries.
+    w = lin.weight.detach().double().clone()
+    w.scatter_(1, idx, lin.gps_values.detach().double())
+    w.requires_grad_(True)
+    b = lin.bias.detach().double().clone().requires_grad_(True)
+    torch.nn.functional.linear(x.double(), w, b).square().sum().backward()
+    torch.testing.assert_close(lin.gps_values.grad.double(), w.grad.gather(1, idx), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lin.bias.grad.double(), b.grad, rtol=1e-5, atol=1e-4)
+    assert lin.weight.grad is None
+
+
+@needs_cc
+def test_cost_model_picks_fused_when_the_kernel_exists(fresh_native):
+    """The counterpart of the no-compiler test: the same shape goes to "fused" when it exists."""
+    from gps_ds.sparse.settings import choose_linear_grad
+
+    assert native.available(), native.unavailable_reason()
+    with kernel_settings(linear_grad="auto"):
+        assert choose_linear_grad(**_fused_cheapest_shape()) == "fused"
