@@ -81,9 +81,12 @@ def cmd_train(args) -> int:
 
 def _train_summary_text(s: dict) -> str:
     t = s["trainable"]
-    return (f"{s['method']}: best top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), last {s['last_top1']:.2f}%, "
-            f"{t['total']:,} trained parameters, {s['seconds']:.1f} s\n"
-            f"output: {s['output']}  (MLflow: mlflow ui --backend-store-uri {s['tracking_uri']})")
+    metric = s["metric"]
+    test = f"test {metric} {s['test'][metric]:.4g}" if s.get("test") else "no test split"
+    chosen = (f"best epoch {s['best_epoch']} on validation ({metric} {s['val'][metric]:.4g})" if s.get("val")
+              else "last epoch (no validation split)")
+    return (f"{s['method']}: {test}, {chosen}, {t['total']:,} trained parameters, {s['seconds']:.1f} s\n"
+            f"delta: {s['delta']}  (MLflow: mlflow ui --backend-store-uri {s['tracking_uri']})")
 
 
 def cmd_eval(args) -> int:
@@ -91,8 +94,9 @@ def cmd_eval(args) -> int:
 
     cfg = _load(args)
     result = evaluate_delta(cfg, args.delta, split=args.split)
+    metrics = ", ".join(f"{k} {result[k]:.4g}" for k in ("top1", "mdice", "miou") if k in result)
     emit(json.dumps(result) if args.json else
-          f"{args.delta}: top-1 {result['top1']:.2f}% on {result['count']} {args.split} samples, loss {result['loss']:.4f}")
+         f"{args.delta}: {metrics} on {result['count']} {args.split} samples, loss {result['loss']:.4f}")
     return 0
 
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gps_ds.data.config import DataConfig
 
@@ -68,7 +68,8 @@ class GPSConfig(_Section):
 
 
 class TrainConfig(_Section):
-    method: Literal["gps", "full", "linear", "bitfit"] = "gps"
+    method: str = Field("gps", description="a registered method (gps_ds.methods): gps, full, linear, bitfit, ...")
+    method_options: dict[str, Any] = Field(default_factory=dict, description="options of the chosen method")
     epochs: int = Field(10, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0.0)
@@ -80,6 +81,37 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     seed: int = 0
     eval_every: int = Field(1, gt=0)
+    log_every: int = Field(10, gt=0, description="fetch loss/lr, check finiteness and log every N optimizer steps")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from gps_ds.methods import method_names
+
+        if v not in method_names():
+            raise ValueError(f"unknown method '{v}' (expected one of: {', '.join(method_names())})")
+        return v
+
+    @model_validator(mode="after")
+    def _method_options(self) -> "TrainConfig":
+        from gps_ds.methods import get_method
+
+        get_method(self.method, self.method_options)  # raises one line naming the option
+        return self
+
+
+class TaskConfig(_Section):
+    """What the model is trained to do; `auto`: segmentation for SAM models or segmentation data."""
+
+    name: Literal["auto", "classification", "segmentation"] = "auto"
+    loss: Literal["bce_iou", "dice_bce"] = Field("bce_iou", description="segmentation: BCE + soft IoU (the "
+                                                 "paper's) or Dice + BCE")
+    prompt: Literal["none", "box"] = Field("none", description="segmentation: no prompt (the learned no-mask "
+                                           "embedding, as in the paper) or ground-truth boxes")
+    box_jitter: float = Field(0.1, ge=0.0, lt=1.0, description="training boxes: each side moved by up to this "
+                                                              "share of the box side")
+    seed: int = 0
+    pictures: int = Field(4, ge=0, description="segmentation: PNG panels written for this many val/test images")
 
 
 class TrackingConfig(_Section):
@@ -103,6 +135,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     gps: GPSConfig = Field(default_factory=GPSConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -66,7 +66,7 @@ def _pretrain(root: Path, epochs: int) -> Path:
     cfg = validate_config(_base_config(root, "mnist", "full", "stage1-mnist", epochs, 2e-3,
                                        train__optimizer="adamw", train__weight_decay=0.05))
     summary = train(cfg, overwrite=True)
-    print(f"stage 1: MNIST test top-1 {summary['best_top1']:.2f}% in {summary['seconds']:.0f} s")
+    print(f"stage 1: MNIST test top-1 {summary['test']['top1']:.2f}% in {summary['seconds']:.0f} s")
     base = create_model(BACKBONE["name"], 10, img_size=BACKBONE["img_size"], kwargs=BACKBONE["kwargs"]).state_dict()
     save_state_dict(merge_state_dict(base, load_delta(Path(summary["output"]) / "delta_last.safetensors")), ckpt)
     return ckpt
@@ -87,11 +87,11 @@ def run_demo(root: str | Path = "runs/demo", pretrain_epochs: int = 12, epochs: 
         cfg = validate_config(_base_config(root, "digits", method, f"stage2-digits/{method}", epochs, lrs[method],
                                            model__checkpoint=str(ckpt)))
         s = train(cfg, overwrite=True)
-        rows.append({"method": method, "top1": s["best_top1"], "trained": s["trainable"]["total"],
+        rows.append({"method": method, "top1": s["test"]["top1"], "trained": s["trainable"]["total"],
                      "seconds": s["seconds"], "output": s["output"], **backbone_share(s)})
     print()
     print(format_table(rows))
-    print(f"\nwall time {time.perf_counter() - start:.0f} s. Delta files: {root}/stage2-digits/<method>/delta_best.safetensors")
+    print(f"\nwall time {time.perf_counter() - start:.0f} s. Delta files: {root}/stage2-digits/<method>/delta_last.safetensors")
     print(f"MLflow store: {(root / 'mlflow.db').resolve()}  ->  "
           f"mlflow ui --backend-store-uri sqlite:///{(root / 'mlflow.db').resolve()}")
     return rows

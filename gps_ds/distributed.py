@@ -53,6 +53,13 @@ def init_distributed(timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def accelerator_device() -> torch.device:
+    """This rank's compute device as DeepSpeed's accelerator names it (cpu, cuda:N, ...)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def shm_workspace_path(rank: int) -> Path:
     """This job's /dev/shm segment of DeepSpeed's CPU shared-memory allreduce for ``rank``
     (name as built in deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
@@ -95,6 +102,14 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of a tensor that stays on its own device (NCCL refuses CPU tensors);
+    a no-op in one process. Returns `t`."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t
 
 
 def broadcast_object(obj, src: int = 0):

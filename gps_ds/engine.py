@@ -1,10 +1,14 @@
-"""The trainer: selection phase, then training on a DeepSpeed engine, evaluation every epoch,
-delta files at every best epoch and at the end, MLflow on rank 0."""
+"""The trainer: selection phase, then training on a DeepSpeed engine, evaluation, delta files,
+MLflow on rank 0. Task-agnostic (gps_ds.tasks) and method-agnostic (gps_ds.methods).
+
+Model selection is honest: with `data.val` the best epoch is chosen on validation and the test
+split is evaluated once, at the end, with the best delta; without it the last epoch is the result.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import shutil
 import sys
 import time
@@ -15,19 +19,21 @@ import torch
 import torch.nn as nn
 
 from gps_ds import distributed as D
-from gps_ds.checkpoint import (RunIdentity, TrainState, check_identity, checkpoint_root,
-                               latest_tag, load_checkpoint, read_state, restore_rng, save_checkpoint,
-                               selection_sha256)
+from gps_ds.checkpoint import (RunIdentity, TrainState, check_identity, checkpoint_root, latest_tag,
+                               load_checkpoint, read_state, restore_rng, save_checkpoint, selection_sha256)
 from gps_ds.config import Config, config_to_dict
-from gps_ds.delta import extract_delta, save_delta
-from gps_ds.evaluation import TrainingError, evaluate
-from gps_ds.methods import Prepared, prepare_model, trainable_count
+from gps_ds.delta import Delta, load_delta, save_delta
+from gps_ds.evaluation import TrainingError, evaluate_task
+from gps_ds.methods import Prepared, get_method
+from gps_ds.monitor import StepMonitor, Window
 from gps_ds.optim import build_optimizer, build_scheduler
 from gps_ds.rules import ParamRoles, classify
 from gps_ds.seeding import seed_everything
+from gps_ds.tasks import Task, build_task
 from gps_ds.tracking import Tracker, progress
 
 RUN_MARKER = "run.json"
+BEST, LAST = "delta_best.safetensors", "delta_last.safetensors"
 
 
 class OutputDirError(ValueError):
@@ -66,6 +72,10 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     return ds
 
 
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
 def model_dtype(engine) -> torch.dtype:
     if engine.bfloat16_enabled():
         return torch.bfloat16
@@ -75,6 +85,8 @@ def model_dtype(engine) -> torch.dtype:
 
 
 class Trainer:
+    """`Trainer(cfg).run()`: set up, select, prepare, train epochs, test, finish."""
+
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True):
         self.cfg = cfg
         self.resume = resume or cfg.output.resume
@@ -82,49 +94,75 @@ class Trainer:
         self.out = Path(cfg.output.dir)
         self.show_progress = show_progress
 
-    # -- set-up -------------------------------------------------------------------------------
-    def _build(self):
+    def run(self) -> dict[str, Any]:
+        self._start()
+        self._build()
+        selection = self._selection()
+        self._prepare(selection)
+        self._open()
+        try:
+            for epoch in range(self.state.epoch, self.cfg.train.epochs):
+                self._train_epoch(epoch)
+                self._end_epoch(epoch)
+            test = self._final_test()
+        except BaseException as err:
+            self.tracker.end("FAILED")
+            raise self._explain(err) from err
+        return self._finish(test)
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _start(self) -> None:
+        """Process group, output folder, DeepSpeed config; settings refused before any work."""
         cfg = self.cfg
+        self.started = time.perf_counter()
+        self.rank, self.world = D.init_distributed()
+        self.device = D.accelerator_device()
+        if self.rank == 0:
+            prepare_output_dir(self.out, resume=self.resume, overwrite=self.overwrite)
+        D.barrier()
+        self.ds_config = deepspeed_config(cfg, self.world)
+        self.micro_batch = int(self.ds_config["train_micro_batch_size_per_gpu"])
+        if cfg.train.ema_decay is not None and zero_stage(self.ds_config) == 3:
+            raise ValueError("train.ema_decay: EMA is not supported under ZeRO-3 (the averaged copy would hold "
+                             "only this rank's partition); use ZeRO stage 0-2 or remove ema_decay")
+        self.task: Task = build_task(cfg)
+        self.method = get_method(cfg.train.method, cfg.train.method_options)
+        self.selection_seconds = 0.0
+        self._copy_mask_from: Path | None = None
+
+    def _build(self) -> None:
         from gps_ds.models import create_model_from_config
 
-        seed_everything(cfg.train.seed)
-        self.model = create_model_from_config(cfg)
-        self.roles: ParamRoles = classify(self.model, cfg.model.family, cfg.gps.rules)
+        seed_everything(self.cfg.train.seed)
+        self.model = create_model_from_config(self.cfg)
+        self.roles: ParamRoles = classify(self.model, self.cfg.model.family, self.cfg.gps.rules)
         head = set(self.roles.head)
         self.backbone_params = sum(p.numel() for n, p in self.model.named_parameters() if n not in head)
 
     def _selection(self) -> dict[str, torch.Tensor] | None:
-        cfg = self.cfg
-        if cfg.train.method != "gps":
+        """The run's selection: a given mask, the run's own mask on resume, else the scoring pass."""
+        if not self.method.needs_selection:
             return None
-        from gps_ds.selection.maskfile import check_fits, load_mask
-
+        cfg = self.cfg
         mask_path = self.out / "mask.safetensors"
         source = cfg.gps.mask or (mask_path if self.resume and mask_path.exists() else None)
         if source is not None:
-            selection, meta = load_mask(source)
-            check_fits(selection, self.model)
-            if int(meta.get("k", cfg.gps.k)) != cfg.gps.k and cfg.gps.mask is None:
-                raise ValueError(f"--resume: the run's mask has K={meta['k']}, the config asks for gps.k={cfg.gps.k}")
-            self._copy_mask_from = source if Path(source) != mask_path else None  # after the resume checks
-            order = [n for n, _ in self.model.named_parameters() if n in selection]
-            return {n: selection[n].long() for n in order}
-        from gps_ds.data.loaders import make_score_loader
+            return self._load_selection(Path(source), mask_path)
         from gps_ds.selection.pipeline import run_selection, run_selection_zero, write_selection
 
-        batches = make_score_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
-                                    two_view=cfg.gps.loss == "supcon")
+        batches = self._score_loader()
         bar = progress(total=cfg.gps.max_batches or len(batches), rank=self.rank, enabled=self.show_progress,
                        desc="scoring", unit="batch")
         kwargs = dict(scheme=cfg.gps.scheme, k=cfg.gps.k, loss=cfg.gps.loss, temperature=cfg.gps.temperature,
-                      seed=cfg.gps.seed, max_batches=cfg.gps.max_batches, progress=bar)
+                      seed=cfg.gps.seed, max_batches=cfg.gps.max_batches, progress=bar,
+                      task_loss=self.task.task_score_loss())
         if self.world > 1:
             # Every rank scores its own data share and they agree on one selection (per-shard top-K).
             result = run_selection_zero(self.model, self.roles, batches, ds_config=self.ds_config, **kwargs)
-            if self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            if zero_stage(self.ds_config) == 3:
                 self._build()  # scoring left the parameters partitioned; start training from the same fresh model
         else:
-            result = run_selection(self.model, self.roles, batches, **kwargs)
+            result = run_selection(self.model.to(self.device), self.roles, batches, **kwargs)
         bar.close()
         self.selection_seconds = result.seconds
         if self.rank == 0:
@@ -132,157 +170,269 @@ class Trainer:
                             loss=cfg.gps.loss, model_name=cfg.model.name)
         return result.selection
 
-    # -- the run ------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def _load_selection(self, source: Path, mask_path: Path) -> dict[str, torch.Tensor]:
+        from gps_ds.selection.maskfile import check_fits, load_mask
+
+        selection, meta = load_mask(source)
+        check_fits(selection, self.model)
+        if int(meta.get("k", self.cfg.gps.k)) != self.cfg.gps.k and self.cfg.gps.mask is None:
+            raise ValueError(f"--resume: the run's mask has K={meta['k']}, the config asks for gps.k={self.cfg.gps.k}")
+        self._copy_mask_from = source if source != mask_path else None  # copied after the resume checks
+        order = [n for n, _ in self.model.named_parameters() if n in selection]
+        return {n: selection[n].long() for n in order}
+
+    def _score_loader(self):
+        from gps_ds.data.loaders import make_score_loader
+
+        return make_score_loader(self.cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
+                                 two_view=self.cfg.gps.loss == "supcon")
+
+    def _prepare(self, selection: dict[str, torch.Tensor] | None) -> None:
+        """The method wraps the model; optimizer and DeepSpeed engine over what it trains."""
         import deepspeed
 
         cfg = self.cfg
-        self.rank, self.world = D.init_distributed()
-        if self.rank == 0:
-            prepare_output_dir(self.out, resume=self.resume, overwrite=self.overwrite)
-        D.barrier()
-        self.selection_seconds = 0.0
-        self._copy_mask_from = None
-        ds_config = deepspeed_config(cfg, self.world)
-        self.ds_config = ds_config
-        self.micro_batch = int(ds_config["train_micro_batch_size_per_gpu"])
-        if cfg.train.ema_decay is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ValueError("train.ema_decay: EMA is not supported under ZeRO-3 (the averaged copy would hold "
-                             "only this rank's partition); use ZeRO stage 0-2 or remove ema_decay")
-        start = time.perf_counter()
-        self._build()
-        selection = self._selection()
-        prepared = prepare_model(self.model, self.roles, cfg.train.method, selection, cfg.gps.mode)
-        self.prepared = prepared
+        prepared = self.method.prepare(self.model, self.roles, selection, cfg.gps.mode)
+        self.prepared: Prepared = prepared
         optimizer = build_optimizer(self.model, cfg.train)
         masked_hook = False
         if prepared.masked is not None:
             from gps_ds.sparse.zero_hook import check_masked_supported, masked_needs_engine_hook
 
-            check_masked_supported(ds_config)
-            masked_hook = masked_needs_engine_hook(ds_config)
+            check_masked_supported(self.ds_config)
+            masked_hook = masked_needs_engine_hook(self.ds_config)
             # ZeRO / bf16: the gradients are masked on the engine's flat partitions (ZeroMaskedHook);
             # attach still moves the masked params into groups of their own with weight_decay=0.
             prepared.masked.attach(optimizer, mask_on_backward=not masked_hook)
         # Shapes and counts before ZeRO-3 partitions the parameters (they read as empty after).
-        counts = trainable_count(self.model, prepared)
+        self.counts = self.method.count(self.model, prepared)
         from gps_ds.selection.pipeline import candidate_fingerprint
 
-        self._fingerprint = candidate_fingerprint(self.model, self.roles)
-        self._identity = RunIdentity(world_size=self.world, method=cfg.train.method, mode=prepared.mode or "",
-                                     k=cfg.gps.k if cfg.train.method == "gps" else 0,
-                                     selection_sha256=selection_sha256(selection), fingerprint=self._fingerprint)
-        resume_tag = self._resume_point()
+        self.fingerprint = candidate_fingerprint(self.model, self.roles)
+        self.identity = RunIdentity(world_size=self.world, method=cfg.train.method, mode=prepared.mode or "",
+                                    k=cfg.gps.k if self.method.needs_selection else 0,
+                                    selection_sha256=selection_sha256(selection), fingerprint=self.fingerprint)
+        self.resume_tag = self._resume_point()
         if self._copy_mask_from is not None and self.rank == 0:
             shutil.copyfile(self._copy_mask_from, self.out / "mask.safetensors")
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, model_parameters=trainable,
-                                               config=ds_config)
-        self.engine = engine
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                                    model_parameters=trainable, config=self.ds_config)
+        self.optimizer = optimizer
         self.zero_mask = None
         if masked_hook:
             from gps_ds.sparse.zero_hook import ZeroMaskedHook
 
-            self.zero_mask = ZeroMaskedHook(engine, prepared.masked, self.model)
+            self.zero_mask = ZeroMaskedHook(self.engine, prepared.masked, self.model)
+        self.dtype = model_dtype(self.engine)
+
+    def _open(self) -> None:
+        """Loaders, schedule, EMA, MLflow run and the position to start from (resume)."""
         from gps_ds.data.loaders import make_eval_loader, make_train_loader
 
-        from gps_ds.data.transforms import build_train_criterion
+        cfg = self.cfg
+        self.train_loader = make_train_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch)
+        self.select_on = "val" if cfg.data.val is not None else "last"
+        self.eval_split = "val" if self.select_on == "val" else "test"
+        self.eval_loader = make_eval_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
+                                            split=self.eval_split)
+        self.steps_per_epoch = max(1, len(self.train_loader) // self.engine.gradient_accumulation_steps())
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, self.steps_per_epoch)
+        self.ema = _build_ema(self.engine.module, cfg.train.ema_decay)
+        global_batch = self.micro_batch * self.world * self.engine.gradient_accumulation_steps()
+        self.monitor = StepMonitor(self.device, global_batch)
+        self.tracker = Tracker(enabled=cfg.tracking.enabled, rank=self.rank, output_dir=self.out,
+                               uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                               run_name=cfg.tracking.run_name or self.out.name,
+                               run_id=self._previous_run_id(self.resume_tag))
+        self._write_run_files()
+        self.state = TrainState()
+        self._resume_batch = 0
+        if self.resume_tag is not None:
+            self.state = self._restore(self.resume_tag)
+            self._resume_batch = self.state.batch
+            self.scheduler.step_update(num_updates=self.state.step)
 
-        train_loader = make_train_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch)
-        eval_loader = make_eval_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch)
-        steps_per_epoch = max(1, len(train_loader) // engine.gradient_accumulation_steps())
-        scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch)
-        criterion = build_train_criterion(cfg.data)
-        ema = _build_ema(engine.module, cfg.train.ema_decay)
+    # -- the loop --------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> None:
+        engine, loader, state = self.engine, self.train_loader, self.state
+        engine.train()
+        loader.set_epoch(epoch)
+        first, self._resume_batch = self._resume_batch, 0
+        if self.resume_tag is not None and epoch == state.epoch:
+            # The random states are put back once the stream has been wound to where the run stopped.
+            tag = self.resume_tag
+            loader.skip_next(first, then=lambda: restore_rng(self.out, tag, self.rank))
+        bar = progress(loader, rank=self.rank, enabled=self.show_progress, desc=f"epoch {epoch}",
+                       unit="batch", initial=first, total=len(loader))
+        every_ckpt = self.cfg.output.checkpoint_every_steps if self.cfg.output.checkpoints else 0
+        for consumed, (inputs, targets) in enumerate(bar, start=first + 1):
+            inputs, targets = self.task.to_device(inputs, targets, self.device, self.dtype)
+            loss = self.task.train_loss(self.task.forward(engine, inputs, targets), targets)
+            self.monitor.add_loss(loss, state.step)
+            boundary = engine.is_gradient_accumulation_boundary()  # asked before step() counts the micro-step
+            engine.backward(loss)
+            engine.step()
+            if not boundary:
+                continue
+            state.step += 1
+            self.monitor.step_done()
+            self.scheduler.step_update(num_updates=state.step)
+            if self.ema is not None:
+                self.ema.update(engine.module, step=state.step)
+            if state.step % self.cfg.train.log_every == 0:
+                self._check_and_log(epoch, consumed)
+            if every_ckpt and state.step % every_ckpt == 0 and consumed < len(loader):
+                self._check_and_log(epoch, consumed)
+                self._checkpoint(TrainState(epoch, consumed, state.step, state.best, state.history))
+        self._check_and_log(epoch, len(loader))
 
-        tracker = Tracker(enabled=cfg.tracking.enabled, rank=self.rank, output_dir=self.out, uri=cfg.tracking.uri,
-                          experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name or self.out.name,
-                          run_id=self._previous_run_id(resume_tag))
-        self._write_run_marker(tracker, counts)
-        tracker.log_params(config_to_dict(cfg))
-        share = {f"trainable_{k}_percent": 100.0 * v / self.backbone_params for k, v in counts.items()}
-        tracker.log_metrics({**{f"trainable_{k}": v for k, v in counts.items()}, **share}, step=0)
-        if selection is not None and self.rank == 0:
-            from gps_ds.plots import plot_selection_distribution
+    def _check_and_log(self, epoch: int, batch: int) -> None:
+        """The periodic check (collective): stop every rank on a non-finite loss; log the window."""
+        w: Window = self.monitor.check()
+        if w.bad_step is not None:
+            seen = f"loss is {w.bad_here}" if w.bad_here is not None else "loss is not finite on another rank"
+            raise TrainingError(f"{seen} at step {w.bad_step} (epoch {epoch}); the last good delta is kept in {self.out}")
+        if not w.steps:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.tracker.log_metrics({"train_loss": w.loss, "lr": lr, "images_per_s": w.images_per_s,
+                                  "step_seconds": w.step_s}, self.state.step)
+        if self.rank == 0 and self.show_progress and not sys.stderr.isatty():  # batch logs: plain lines
+            print(f"epoch {epoch} batch {batch}/{len(self.train_loader)} step {self.state.step}: loss {w.loss:.4f} "
+                  f"lr {lr:.3g} {w.images_per_s:.1f} img/s", file=sys.stderr, flush=True)
 
-            plot_selection_distribution(selection, self.out / "selection.png",
-                                        f"{cfg.model.name}, K={cfg.gps.k}: selected weights per block")
+    def _end_epoch(self, epoch: int) -> None:
+        cfg, state = self.cfg, self.state
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            metrics = self._evaluate(self.eval_loader, self.eval_split)
+            state.history.append({"epoch": epoch, **metrics, **self._corrupt_counts()})
+            self.tracker.log_metrics({k: v for k, v in state.history[-1].items() if k != "epoch"}, state.step)
+            if self.select_on == "val":
+                self._keep_if_best(epoch, metrics)
+            self._save_delta(LAST, self.engine.module)
+            self._write_metrics(state.history)
+        if cfg.output.checkpoints:
+            self._checkpoint(TrainState(epoch + 1, 0, state.step, state.best, state.history))
 
-        dtype = model_dtype(engine)
-        device = engine.device
-        state = TrainState()
-        if resume_tag is not None:
-            state = self._restore(engine, resume_tag, ema)
-            scheduler.step_update(num_updates=state.step)
-        best, history, step = state.best, state.history, state.step
-        every = cfg.output.checkpoint_every_steps if cfg.output.checkpoints else 0
-        try:
-            for epoch in range(state.epoch, cfg.train.epochs):
-                engine.train()
-                train_loader.set_epoch(epoch)
-                first = state.batch if epoch == state.epoch else 0
-                if resume_tag is not None and epoch == state.epoch:
-                    # The random states are put back once the stream has been wound to where the run stopped.
-                    tag = resume_tag
-                    train_loader.skip_next(first, then=lambda: restore_rng(self.out, tag, self.rank))
-                bar = progress(train_loader, rank=self.rank, enabled=self.show_progress, desc=f"epoch {epoch}",
-                               unit="batch", initial=first, total=len(train_loader))
-                for consumed, (images, labels) in enumerate(bar, start=first + 1):
-                    images, labels = images.to(device, dtype), labels.to(device)
-                    loss = criterion(engine(images).float(), labels)
-                    value = loss.item()
-                    # Every rank stops at the same step when any rank sees a non-finite loss.
-                    if not D.all_true(math.isfinite(value), device):
-                        seen = f"loss is {value}" if not math.isfinite(value) else "loss is not finite on another rank"
-                        raise TrainingError(f"{seen} at step {step} (epoch {epoch}); "
-                                            f"the last good delta is kept in {self.out}")
-                    boundary = engine.is_gradient_accumulation_boundary()  # asked before step() counts the micro-step
-                    engine.backward(loss)
-                    engine.step()
-                    if boundary:
-                        step += 1
-                        scheduler.step_update(num_updates=step)
-                        if ema is not None:
-                            ema.update(engine.module, step=step)
-                        tracker.log_metrics({"train_loss": value, "lr": optimizer.param_groups[0]["lr"]}, step)
-                        if every and step % every == 0 and consumed < len(train_loader):
-                            self._checkpoint(TrainState(epoch, consumed, step, best, history), ema)
-                if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                    metrics = self._evaluate_epoch(eval_loader, ema, device, dtype)
-                    history.append({"epoch": epoch, **metrics})
-                    tracker.log_metrics(metrics, step)
-                    top1 = max(metrics["top1"], metrics.get("ema_top1", -1.0))
-                    if best is None or top1 > best["top1"]:
-                        best = {"epoch": epoch, "top1": top1}
-                        self._save_delta("delta_best.safetensors",
-                                         engine.module if metrics["top1"] >= top1 else ema.module)
-                    self._save_delta("delta_last.safetensors", engine.module)
-                    self._write_metrics(history)
-                if cfg.output.checkpoints:
-                    self._checkpoint(TrainState(epoch + 1, 0, step, best, history), ema)
-        except BaseException as err:
-            tracker.end("FAILED")
-            if D.is_peer_failure(err):
-                tag = latest_tag(self.out) if cfg.output.checkpoints else None
-                where = f"; the last checkpoint is {checkpoint_root(self.out) / tag}, continue with --resume" if tag else ""
-                raise TrainingError(f"lost contact with another rank at step {step} ({str(err).splitlines()[0][:200]})"
-                                    f"{where}") from err
-            raise
+    def _evaluate(self, loader, split: str) -> dict[str, float]:
+        """The task's metrics on `split` (and of the EMA weights), named `<split>_<metric>`."""
+        res = evaluate_task(self.engine.module, loader, self.task, self.device, self.dtype)
+        metrics = {f"{split}_{k}": v for k, v in res.items()}
+        if self.ema is not None:
+            ema = evaluate_task(self.ema.module, loader, self.task, self.device, self.dtype)
+            metrics.update({f"ema_{split}_{k}": v for k, v in ema.items()})
+        return metrics
+
+    def _keep_if_best(self, epoch: int, metrics: dict[str, float]) -> None:
+        key = f"val_{self.task.primary_metric}"
+        plain, ema = metrics[key], metrics.get(f"ema_{key}", float("-inf"))
+        value = max(plain, ema)
+        best = self.state.best
+        if best is None or value > best["value"]:
+            self.state.best = {"epoch": epoch, "metric": key, "value": value, "ema": ema > plain}
+            self._save_delta(BEST, self.ema.module if ema > plain else self.engine.module)
+
+    def _final_test(self) -> dict[str, float] | None:
+        """The test split, once: with validation, the best delta loaded back into the engine's model;
+        without, the last epoch's evaluation (already on test)."""
+        if self.select_on == "last":
+            last = self.state.history[-1] if self.state.history else {}
+            return {k.removeprefix("test_"): v for k, v in last.items() if k.startswith("test_")} or None
+        if self.cfg.data.test is None:
+            return None
+        from gps_ds.data.loaders import make_eval_loader
+
+        self._load_trained(self.out / BEST)
+        loader = make_eval_loader(self.cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
+                                  split="test")
+        test = evaluate_task(self.engine.module, loader, self.task, self.device, self.dtype)
+        self.tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, self.state.step)
+        return test
+
+    # -- outputs -------------------------------------------------------------------------------
+    def _finish(self, test: dict[str, float] | None) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        best = state.best or {}
         summary = {
-            "method": cfg.train.method, "best_top1": best["top1"] if best else None,
-            "best_epoch": best["epoch"] if best else None, "last_top1": history[-1]["top1"] if history else None,
-            "trainable": counts, "seconds": round(time.perf_counter() - start, 2),
+            "method": cfg.train.method, "task": self.task.name, "metric": self.task.primary_metric,
+            "select_on": self.select_on, "best_epoch": best.get("epoch", cfg.train.epochs - 1),
+            "val": self._epoch_metrics(best["epoch"], "val") if best else None,
+            "test": test, "trainable": self.counts, "data_corrupt": self._corrupt_counts(),
+            "seconds": round(time.perf_counter() - self.started, 2),
             "selection_seconds": round(self.selection_seconds, 2), "output": str(self.out),
-            "tracking_uri": tracker.uri, "run_id": tracker.run_id,
+            "delta": str(self.out / (BEST if self.select_on == "val" else LAST)),
+            "tracking_uri": self.tracker.uri, "run_id": self.tracker.run_id,
         }
-        tracker.log_metrics({"best_top1": summary["best_top1"] or 0.0}, step)
-        self._log_artifacts(tracker)
-        tracker.end("FINISHED")
+        self._log_artifacts()
+        self.tracker.end("FINISHED")
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    # -- checkpoints ----------------------------------------------------------------------------
+    def _epoch_metrics(self, epoch: int, split: str) -> dict[str, float]:
+        entry = next(h for h in self.state.history if h["epoch"] == epoch)
+        return {k.removeprefix(f"{split}_"): v for k, v in entry.items() if k.startswith(f"{split}_")}
+
+    def _corrupt_counts(self) -> dict[str, int]:
+        """Skipped samples of the training and evaluation streams, summed over ranks (collective)."""
+        from gps_ds.data.corrupt import KINDS
+
+        local = [self.train_loader.counter.counts(), self.eval_loader.counter.counts()]
+        t = torch.tensor([[c[k] for k in KINDS] for c in local], dtype=torch.float64, device=self.device)
+        totals = D.all_reduce_(t).sum(0).tolist()
+        out = {f"data_corrupt_{k}": int(v) for k, v in zip(KINDS, totals)}
+        out["data_corrupt_total"] = int(sum(totals))
+        return out
+
+    def _save_delta(self, name: str, module: nn.Module) -> None:
+        meta = {"model": self.cfg.model.name, "method": self.prepared.method, "task": self.task.name,
+                "method_options": json.dumps(self.cfg.train.method_options, sort_keys=True),
+                "k": self.cfg.gps.k if self.method.needs_selection else 0, "mode": self.prepared.mode or "",
+                "num_classes": self.cfg.model.num_classes, "fingerprint": self.fingerprint,
+                "head": json.dumps(self.roles.head), "backbone_params": self.backbone_params}
+        delta = gathered_delta(module, self.prepared, meta, self.rank)  # a collective under ZeRO-3
+        if self.rank == 0:
+            save_delta(self.out / name, delta)
+
+    def _load_trained(self, path: Path) -> None:
+        """Write a delta of this run back into the engine's model (rank 0 reads; ZeRO-3 scatters)."""
+        module = self.engine.module
+        params = [q for q in module.parameters() if q.requires_grad]
+        with _gathered(params, modifier_rank=0):
+            if self.rank == 0:
+                self.method.load_trained(module, self.prepared, load_delta(path))
+
+    def _write_run_files(self) -> None:
+        if self.rank != 0:
+            return
+        (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        marker = {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri, "trainable": self.counts,
+                  "backbone_params": self.backbone_params, "world_size": self.world, "task": self.task.name}
+        (self.out / RUN_MARKER).write_text(json.dumps(marker, indent=2))
+        self.tracker.log_params(config_to_dict(self.cfg))
+        share = {f"trainable_{k}_percent": 100.0 * v / self.backbone_params for k, v in self.counts.items()}
+        self.tracker.log_metrics({**{f"trainable_{k}": v for k, v in self.counts.items()}, **share}, step=0)
+        # What a crashed run must keep: the config and the selection, logged at the start.
+        self.tracker.log_artifacts([self.out / "config.json", self.out / "mask.safetensors"])
+        if self.prepared.selection is not None:
+            from gps_ds.plots import plot_selection_distribution
+
+            plot_selection_distribution(self.prepared.selection, self.out / "selection.png",
+                                        f"{self.cfg.model.name}, K={self.cfg.gps.k}: selected weights per block")
+
+    def _write_metrics(self, history: list[dict]) -> None:
+        if self.rank == 0:
+            lines = "".join(json.dumps(h) + "\n" for h in history)
+            tmp = self.out / "metrics.jsonl.tmp"
+            tmp.write_text(lines)
+            tmp.replace(self.out / "metrics.jsonl")
+
+    def _log_artifacts(self) -> None:
+        names = ["selection.png", BEST, LAST, "metrics.jsonl"]
+        self.tracker.log_artifacts([self.out / n for n in names])
+
+    # -- checkpoints and faults ------------------------------------------------------------------
     def _resume_point(self) -> str | None:
         """The checkpoint tag to continue from (checked against this run), or None."""
         if not self.resume:
@@ -294,21 +444,23 @@ class Trainer:
                       f"epoch 0 with the run's selection", file=sys.stderr)
             return None
         _, saved = read_state(self.out, tag)
-        check_identity(self._identity, saved, checkpoint_root(self.out) / tag)
+        check_identity(self.identity, saved, checkpoint_root(self.out) / tag)
         return tag
 
-    def _restore(self, engine, tag: str, ema) -> TrainState:
+    def _restore(self, tag: str) -> TrainState:
         state, _ = read_state(self.out, tag)
-        load_checkpoint(engine, self.out, tag, self.rank, ema_module=ema.module if ema is not None else None)
+        load_checkpoint(self.engine, self.out, tag, self.rank,
+                        ema_module=self.ema.module if self.ema is not None else None)
         self._write_metrics(state.history)  # drop epochs logged after the checkpoint; they run again
         if self.rank == 0:
             print(f"gps-ds train: resuming from {checkpoint_root(self.out) / tag} (epoch {state.epoch}, "
                   f"batch {state.batch}, step {state.step})", file=sys.stderr)
         return state
 
-    def _checkpoint(self, state: TrainState, ema) -> None:
-        save_checkpoint(self.engine, self.out, state, self._identity, self.rank,
-                        ema_module=ema.module if ema is not None else None, keep=self.cfg.output.keep_checkpoints)
+    def _checkpoint(self, state: TrainState) -> None:
+        save_checkpoint(self.engine, self.out, state, self.identity, self.rank,
+                        ema_module=self.ema.module if self.ema is not None else None,
+                        keep=self.cfg.output.keep_checkpoints)
 
     def _previous_run_id(self, resume_tag: str | None) -> str | None:
         marker = self.out / RUN_MARKER
@@ -316,60 +468,33 @@ class Trainer:
             return None
         return json.loads(marker.read_text()).get("run_id")
 
-    def _write_metrics(self, history: list[dict]) -> None:
-        if self.rank == 0:
-            lines = "".join(json.dumps(h) + "\n" for h in history)
-            tmp = self.out / "metrics.jsonl.tmp"
-            tmp.write_text(lines)
-            tmp.replace(self.out / "metrics.jsonl")
-
-    def _evaluate_epoch(self, loader, ema, device, dtype) -> dict[str, float]:
-        res = evaluate(self.engine.module, loader, device, dtype)
-        metrics = {"top1": res.top1, "eval_loss": res.loss}
-        if ema is not None:
-            ema_res = evaluate(ema.module, loader, device, dtype)
-            metrics.update(ema_top1=ema_res.top1, ema_eval_loss=ema_res.loss)
-        return metrics
-
-    def _save_delta(self, name: str, module: nn.Module) -> None:
-        p = self.prepared
-        meta = {"model": self.cfg.model.name, "method": p.method, "k": self.cfg.gps.k if p.method == "gps" else 0,
-                "mode": p.mode or "", "num_classes": self.cfg.model.num_classes,
-                "fingerprint": self._fingerprint,
-                "head": json.dumps(self.roles.head), "backbone_params": self.backbone_params}
-        delta = gathered_delta(module, p, meta, self.rank)  # a collective under ZeRO-3: every rank calls it
-        if self.rank == 0:
-            save_delta(self.out / name, delta)
-
-    def _write_run_marker(self, tracker: Tracker, counts: dict) -> None:
-        if self.rank != 0:
-            return
-        (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
-        marker = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "trainable": counts,
-                  "backbone_params": self.backbone_params, "world_size": self.world}
-        (self.out / RUN_MARKER).write_text(json.dumps(marker, indent=2))
-
-    def _log_artifacts(self, tracker: Tracker) -> None:
-        names = ["config.json", "mask.safetensors", "selection.png", "delta_best.safetensors", "delta_last.safetensors", "metrics.jsonl"]
-        tracker.log_artifacts([self.out / n for n in names])
+    def _explain(self, err: BaseException) -> BaseException:
+        """A lost peer becomes one line naming the checkpoint to resume from; anything else as is."""
+        if not D.is_peer_failure(err):
+            return err
+        tag = latest_tag(self.out) if self.cfg.output.checkpoints else None
+        where = f"; the last checkpoint is {checkpoint_root(self.out) / tag}, continue with --resume" if tag else ""
+        return TrainingError(f"lost contact with another rank at step {self.state.step} "
+                             f"({str(err).splitlines()[0][:200]}){where}")
 
 
-def gathered_delta(module: nn.Module, prepared: Prepared, meta: dict, rank: int = 0):
-    """The delta of `module` with FULL tensors also under ZeRO-3: the trained parameters are gathered
-    (deepspeed.zero.GatheredParameters, a collective: call it on every rank), rank 0 extracts.
-    Returns the Delta on rank 0, None elsewhere."""
-    import contextlib
-
-    params = [q for q in module.parameters() if q.requires_grad]
-    ctx = contextlib.nullcontext()
+def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
+    """Full tensors of ZeRO-3 partitioned `params` inside the block (a collective), else nothing."""
     if any(hasattr(q, "ds_id") for q in params):
         import deepspeed
 
-        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    with ctx:
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def gathered_delta(module: nn.Module, prepared: Prepared, meta: dict, rank: int = 0) -> Delta | None:
+    """The delta of `module` with FULL tensors also under ZeRO-3 (a collective: call it on every
+    rank). Returns the Delta on rank 0, None elsewhere."""
+    with _gathered([q for q in module.parameters() if q.requires_grad]):
         if rank != 0:
             return None
-        return extract_delta(module, prepared.whole, prepared.selection if prepared.mode == "masked" else None, meta)
+        method = prepared.impl or get_method(prepared.method)
+        return method.extract(module, prepared, meta)
 
 
 def _build_ema(module: nn.Module, decay: float | None):

@@ -1,18 +1,35 @@
-"""Evaluation: top-1 and loss over every sample exactly once, reduced exactly across ranks."""
+"""Evaluation: a task's metrics over every sample exactly once, reduced exactly across ranks."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-from gps_ds import distributed as D
-
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (NaN loss, empty evaluation data): one line for the user."""
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, loader: Iterable, task, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """The task's metrics over `loader` (EvalBatch: inputs, targets, valid, keys). Everything stays
+    on `device`; the sums are read once, after one all-reduce."""
+    was_training = model.training
+    model.eval()
+    meter = task.new_meter(device)
+    try:
+        for batch in loader:
+            inputs, targets, valid = _unpack_eval(batch)
+            inputs, targets = task.to_device(inputs, targets, device, dtype)
+            outputs = task.forward(model, inputs, targets)
+            meter.update(outputs, targets, valid.to(device, non_blocking=True), task.eval_losses(outputs, targets))
+    finally:
+        model.train(was_training)
+    return meter.compute()
 
 
 @dataclass
@@ -22,57 +39,51 @@ class EvalResult:
     count: int
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, device, dtype: torch.dtype) -> EvalResult:
-    """Top-1 and mean loss over every evaluation sample exactly once, reduced across ranks."""
-    was_training = model.training
-    model.eval()
-    correct = count = 0.0
-    loss_sum = 0.0
-    for batch in loader:
-        images, labels, valid = _unpack_eval(batch)
-        logits = model(images.to(device, dtype)).float()
-        labels = labels.to(device)
-        valid = valid.to(device)
-        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
-        correct += float(((logits.argmax(1) == labels) & valid).sum())
-        count += float(valid.sum())
-        loss_sum += float((losses * valid).sum())
-    model.train(was_training)
-    correct, count, loss_sum = D.all_reduce_sum([correct, count, loss_sum])
-    if count == 0:
-        raise TrainingError("the evaluation data is empty")
-    return EvalResult(100.0 * correct / count, loss_sum / count, int(count))
+    """Top-1 and mean loss of a classifier (the classification task's metrics)."""
+    from gps_ds.tasks.classification import ClassificationTask
+
+    task = ClassificationTask.__new__(ClassificationTask)  # evaluation needs no training criterion
+    m = evaluate_task(model, loader, task, torch.device(device), dtype)
+    return EvalResult(m["top1"], m["eval_loss"], int(m["count"]))
 
 
 def _unpack_eval(batch):
-    """(images, labels, valid): the exactly-once loader marks padding samples invalid."""
+    """(inputs, targets, valid): the exactly-once loader marks padding samples invalid."""
     if len(batch) >= 3:
         return batch[0], batch[1], batch[2].bool()
-    images, labels = batch
-    return images, labels, torch.ones(labels.shape[0], dtype=torch.bool)
+    inputs, targets = batch
+    n = targets.shape[0] if isinstance(targets, torch.Tensor) else len(targets[0])
+    return inputs, targets, torch.ones(n, dtype=torch.bool)
 
 
 def evaluate_delta(cfg, delta_path: str, split: str = "test") -> dict:
-    """`gps-ds eval`: the config's model with a delta file applied, on the `split` data."""
+    """`gps-ds eval`: the config's model with a delta file applied, on the `split` data, on this
+    rank's accelerator (every rank evaluates its share; the metrics are reduced across ranks)."""
+    from gps_ds import distributed as D
     from gps_ds.data.loaders import make_eval_loader
-    from gps_ds.delta import DeltaError, load_delta, load_delta_into_model
+    from gps_ds.delta import DeltaError, load_delta
+    from gps_ds.methods import get_method
     from gps_ds.models import create_model_from_config
     from gps_ds.rules import classify
     from gps_ds.selection.pipeline import candidate_fingerprint
+    from gps_ds.tasks import build_task
 
     rank, world = D.init_distributed()
+    device = D.accelerator_device()
     delta = load_delta(delta_path)
+    task = build_task(cfg)
     model = create_model_from_config(cfg)
+    roles = classify(model, cfg.model.family, cfg.gps.rules)
     expected = delta.meta.get("fingerprint")
-    actual = candidate_fingerprint(model, classify(model, cfg.model.family, cfg.gps.rules))
+    actual = candidate_fingerprint(model, roles)
     if expected and expected != actual:
         raise DeltaError(f"delta {delta_path} was trained on model '{delta.meta.get('model')}' "
                          f"(fingerprint {expected}); the config builds '{cfg.model.name}' ({actual})")
-    load_delta_into_model(model, delta)
+    method = get_method(delta.meta.get("method", "gps"), json.loads(delta.meta.get("method_options", "{}")))
+    model = method.apply_delta(model, roles, delta).to(device)
     batch = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 32))
     loader = make_eval_loader(cfg.data, rank, world, batch_size_per_rank=batch, split=split)
-    res = evaluate(model, loader, "cpu" if not torch.cuda.is_available() else f"cuda:{torch.cuda.current_device()}",
-                   torch.float32)
-    return {"delta": str(delta_path), "split": split, "top1": res.top1, "loss": res.loss, "count": res.count,
+    metrics = evaluate_task(model, loader, task, device, torch.float32)
+    return {"delta": str(delta_path), "split": split, "task": task.name, **metrics, "loss": metrics["eval_loss"],
             "model": cfg.model.name, "meta": json.loads(json.dumps(delta.meta))}

@@ -118,6 +118,8 @@ def classify(model: nn.Module, family: str = "auto", overrides=None) -> ParamRol
     """Assign every parameter of `model` a role. `overrides` is a `RuleOverrides`-like object."""
     fam: Family = detect_family(model) if family in (None, "auto") else family  # type: ignore[assignment]
     head = set(head_parameter_names(model))
+    if fam == "sam":  # the task head of a SAM is its mask decoder
+        head = {n for n, _ in model.named_parameters() if n.startswith("mask_decoder.")}
     roles: dict[str, Role] = {}
     for mod_name, module in model.named_modules():
         for leaf, param in module.named_parameters(recurse=False):
@@ -147,14 +149,10 @@ def _apply_overrides(name: str, module: nn.Module, param: nn.Parameter, role: Ro
 
 
 def trainable_names(roles: ParamRoles, method: str) -> list[str]:
-    """Names trained as whole tensors by each method (gps adds its selected entries on top)."""
-    if method == "full":
-        return list(roles.roles)
-    if method == "linear":
-        return list(roles.head)
-    if method == "bitfit":
-        # BitFit trains every bias, norm biases included (0.10M on ViT-B/16, as peers count it).
-        return [n for n in roles.roles if n in roles.head or n.endswith("bias")]
-    if method == "gps":
-        return roles.whole
-    raise RuleError(f"unknown method '{method}' (expected one of: gps, full, linear, bitfit)")
+    """Names trained as whole tensors by `method` (gps adds its selected entries on top)."""
+    from gps_ds.methods import MethodError, get_method
+
+    try:
+        return get_method(method).trainable_whole(roles)
+    except MethodError as err:
+        raise RuleError(str(err)) from None

@@ -97,8 +97,11 @@ class Tracker:
 
 
 def progress(iterable=None, *, rank: int = 0, enabled: bool = True, **kwargs):
-    """tqdm on rank 0; a plain pass-through elsewhere."""
-    if rank != 0 or not enabled:
+    """tqdm on rank 0 when stderr is a terminal; a plain pass-through elsewhere (batch logs such as
+    Slurm's get the trainer's periodic plain lines instead of carriage-return bars)."""
+    import sys
+
+    if rank != 0 or not enabled or not sys.stderr.isatty():
         return iterable if iterable is not None else _NullBar()
     from tqdm import tqdm
 

@@ -268,7 +268,7 @@ def test_segmentation_loaders(tmp_path):
     assert x.shape == (2, 3, 32, 32) and m.shape == (2, 1, 32, 32)
     assert set(m.unique().tolist()) <= {0.0, 1.0}
     batches = list(make_eval_loader(cfg, 0, 1, 2))
-    assert len(batches) == 1 and batches[0].valid.all() and batches[0].targets.shape == (2, 1, 32, 32)
+    assert len(batches) == 1 and batches[0].valid.all() and batches[0].targets.masks.shape == (2, 1, 32, 32)
     (v, m), = [b for b in make_score_loader(cfg, 0, 1, 2)][:1]  # segmentation scores with the task loss
     assert v.shape == (2, 3, 32, 32) and m.shape == (2, 1, 32, 32)
 

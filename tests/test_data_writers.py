@@ -210,8 +210,8 @@ def test_split_lists_generic_and_missing_required(tmp_path):
 
 def test_kvasir_seeded_split_masks_and_boxes(tmp_path):
     root = syn.make_kvasir(tmp_path / "kvasir", n=10)
-    info = ds.write_kvasir(root, tmp_path / "a", test_size=3, progress=False)
-    again = ds.write_kvasir(root, tmp_path / "b", test_size=3, workers=2, progress=False)
+    info = ds.write_kvasir(root, tmp_path / "a", test_size=3, val_size=0, progress=False)
+    again = ds.write_kvasir(root, tmp_path / "b", test_size=3, workers=2, val_size=0, progress=False)
     assert info == again and _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert info["splits"]["train"]["size"] == 7 and info["splits"]["test"]["size"] == 3
     assert info["segmentation"] is True and info["classes"] == ["background", "polyp"]
@@ -224,7 +224,7 @@ def test_kvasir_seeded_split_masks_and_boxes(tmp_path):
             sid = key.split("_", 1)[1]
             assert json.loads(files["bbox.json"]) == boxes[sid]
             assert files["jpg"] == (root / "images" / f"{sid}.jpg").read_bytes()
-    other_seed = ds.write_kvasir(root, tmp_path / "c", test_size=3, seed=5, progress=False)
+    other_seed = ds.write_kvasir(root, tmp_path / "c", test_size=3, seed=5, val_size=0, progress=False)
     test_a = {k.split("_", 1)[1] for k in _samples(tmp_path / "a" / "test-000000.tar")}
     test_c = {k.split("_", 1)[1] for k in _samples(tmp_path / "c" / "test-000000.tar")}
     assert other_seed["splits"]["test"]["size"] == 3 and test_a != test_c
@@ -234,7 +234,7 @@ def test_kvasir_id_lists(tmp_path):
     root = syn.make_kvasir(tmp_path / "kvasir", n=6, bbox=False)
     ids = sorted(p.stem for p in (root / "images").iterdir())
     (tmp_path / "test.txt").write_text(f"{ids[0]}.jpg\n{ids[4]}\n")
-    info = ds.write_kvasir(root, tmp_path / "out", test_ids=tmp_path / "test.txt", progress=False)
+    info = ds.write_kvasir(root, tmp_path / "out", test_ids=tmp_path / "test.txt", val_size=0, progress=False)
     got = {k.split("_", 1)[1] for k in _samples(tmp_path / "out" / "test-000000.tar")}
     assert got == {ids[0], ids[4]} and info["splits"]["train"]["size"] == 4
     (tmp_path / "bad.txt").write_text("nope\n")

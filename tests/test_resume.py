@@ -22,7 +22,7 @@ from gps_ds.engine import Trainer
 def raw_cfg(digits, out, **sets):
     raw = {
         "model": {"name": "test_vit", "img_size": 32, "num_classes": 10},
-        "data": {"train": str(digits), "test": str(digits), "recipe": "digits", "image_size": 32, "workers": 0,
+        "data": {"train": str(digits), "val": str(digits), "val_split": "test", "test": str(digits), "recipe": "digits", "image_size": 32, "workers": 0,
                  "steps_per_epoch": 4, "mixup": {"mixup_alpha": 0.8, "prob": 1.0}},
         "gps": {"k": 1, "loss": "supcon", "max_batches": 2},
         "train": {"method": "gps", "epochs": 2, "lr": 0.01, "optimizer": "adamw", "weight_decay": 0.05,
@@ -46,8 +46,8 @@ def run_interrupted(cfg, after_checkpoints: int, monkeypatch):
     original = engine_mod.Trainer._checkpoint
     calls = []
 
-    def checkpoint_then_stop(self, state, ema):
-        original(self, state, ema)
+    def checkpoint_then_stop(self, state):
+        original(self, state)
         calls.append(state)
         if len(calls) == after_checkpoints:
             raise Interrupted
@@ -89,7 +89,7 @@ def test_resume_equals_uninterrupted(digits, tmp_path, uninterrupted, monkeypatc
     assert_same_delta(ref / "delta_last.safetensors", out / "delta_last.safetensors")
     assert_same_delta(ref / "delta_best.safetensors", out / "delta_best.safetensors")
     assert (out / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
-    assert summary["best_top1"] == ref_summary["best_top1"] and summary["best_epoch"] == ref_summary["best_epoch"]
+    assert summary["test"] == ref_summary["test"] and summary["best_epoch"] == ref_summary["best_epoch"]
 
 
 def test_resume_without_random_states_differs(digits, tmp_path, uninterrupted, monkeypatch):

@@ -47,6 +47,7 @@ def run_selection(
     seed: int = 0,
     max_batches: int | None = None,
     progress=None,
+    task_loss=None,
 ) -> SelectionResult:
     """Score (when the scheme needs gradients) and select; single process."""
     if scheme not in SCHEMES:
@@ -62,11 +63,13 @@ def run_selection(
         if batches is None:
             raise ValueError(f"gps.scheme '{scheme}' needs training data (data.train)")
         result: ScoreResult = accumulate_scores(
-            model, batches, make_score_loss(loss, temperature), roles.candidates, max_batches, progress
+            model, batches, make_score_loss(loss, temperature, task_loss), roles.candidates, max_batches, progress
         )
         scores, samples = result.scores, result.samples
     weights = {n: params[n].detach() for n in roles.candidates}
-    selection = select(scheme, scores, weights, k, seed)
+    selection = {n: t.cpu() for n, t in select(scheme, scores, weights, k, seed).items()}  # files and digests
+    if scores is not None:
+        scores = {n: t.cpu() for n, t in scores.items()}
     return SelectionResult(selection, scores, samples, time.perf_counter() - start)
 
 
@@ -87,8 +90,12 @@ def select_from_config(cfg, out: str, scores_out: str | None = None, show_progre
 
     if scores_out is not None and not needs_data(cfg.gps.scheme):
         raise ValueError(f"--save-scores: gps.scheme '{cfg.gps.scheme}' computes no gradient scores")
+    from gps_ds.distributed import accelerator_device
+    from gps_ds.tasks import build_task
+
+    task = build_task(cfg)
     seed_everything(cfg.gps.seed)
-    model = create_model_from_config(cfg)
+    model = create_model_from_config(cfg).to(accelerator_device())
     roles = classify(model, cfg.model.family, cfg.gps.rules)
     batches = None
     if needs_data(cfg.gps.scheme):
@@ -103,7 +110,7 @@ def select_from_config(cfg, out: str, scores_out: str | None = None, show_progre
     try:
         result = run_selection(model, roles, batches, scheme=cfg.gps.scheme, k=cfg.gps.k, loss=cfg.gps.loss,
                                temperature=cfg.gps.temperature, seed=cfg.gps.seed,
-                               max_batches=cfg.gps.max_batches, progress=progress)
+                               max_batches=cfg.gps.max_batches, progress=progress, task_loss=task.task_score_loss())
     finally:
         if progress is not None:
             progress.close()
@@ -131,6 +138,7 @@ def run_selection_zero(
     progress=None,
     ds_config: dict | None = None,
     gather_scores: bool = False,
+    task_loss=None,
 ):
     """`run_selection` for every rank of a DeepSpeed job (ZeRO 0-3, any world size); collective.
 
@@ -146,7 +154,7 @@ def run_selection_zero(
 
     if not roles.candidates:
         raise ValueError("the model has no candidate weights for GPS (check gps.rules)")
-    loss_fn = make_score_loss(loss, temperature, across_ranks=True) if needs_data(scheme) else None
+    loss_fn = make_score_loss(loss, temperature, task_loss, across_ranks=True) if needs_data(scheme) else None
     if needs_data(scheme) and batches is None:
         raise ValueError(f"gps.scheme '{scheme}' needs training data (data.train)")
     return score_and_select_zero(model, batches if needs_data(scheme) else None, loss_fn, roles.candidates, k,
@@ -166,7 +174,10 @@ def select_from_config_zero(cfg, out: str, scores_out: str | None = None, show_p
 
     if scores_out is not None and not needs_data(cfg.gps.scheme):
         raise ValueError(f"--save-scores: gps.scheme '{cfg.gps.scheme}' computes no gradient scores")
+    from gps_ds.tasks import build_task
+
     rank, world = init_distributed()
+    task = build_task(cfg)
     seed_everything(cfg.gps.seed)
     model = create_model_from_config(cfg)
     roles = classify(model, cfg.model.family, cfg.gps.rules)
@@ -186,7 +197,8 @@ def select_from_config_zero(cfg, out: str, scores_out: str | None = None, show_p
         result = run_selection_zero(model, roles, batches, scheme=cfg.gps.scheme, k=cfg.gps.k, loss=cfg.gps.loss,
                                     temperature=cfg.gps.temperature, seed=cfg.gps.seed,
                                     max_batches=cfg.gps.max_batches, progress=progress,
-                                    ds_config=dict(cfg.deepspeed), gather_scores=scores_out is not None)
+                                    ds_config=dict(cfg.deepspeed), gather_scores=scores_out is not None,
+                                    task_loss=task.task_score_loss())
     finally:
         if progress is not None:
             progress.close()

@@ -56,11 +56,15 @@ def accumulate_scores(
         p.requires_grad_(n in wanted)
         p.grad = None
     model.eval()
+    from gps_ds.tasks.base import model_device_dtype, move
+
+    device, dtype = model_device_dtype(model)
     n_batches = n_samples = 0
     try:
         for inputs, labels in batches:
             if max_batches is not None and n_batches >= max_batches:
                 break
+            inputs, labels = move(inputs, device, dtype), move(labels, device)
             loss = loss_fn(model, inputs, labels)
             if not math.isfinite(loss.item()):
                 raise ScoringError(f"scoring loss is {loss.item()} at batch {n_batches}")
