@@ -102,9 +102,20 @@ def _default_role(name: str, module: nn.Module, leaf: str, param: nn.Parameter, 
     return "frozen"
 
 
+# Single-mask output (the polyp recipe) decodes mask token 0 only: the IoU head and the other
+# tokens' hypernetworks get no gradient, so they stay frozen instead of counting as trained.
+SAM_UNUSED_DECODER = ("mask_decoder.iou_prediction_head.", "mask_decoder.output_hypernetworks_mlps.")
+
+
+def _sam_unused(name: str) -> bool:
+    if name.startswith(SAM_UNUSED_DECODER[0]):
+        return True
+    return name.startswith(SAM_UNUSED_DECODER[1]) and not name.startswith(SAM_UNUSED_DECODER[1] + "0.")
+
+
 def _sam_role(name: str, default: Role) -> Role:
     if name.startswith("mask_decoder."):
-        return "whole"
+        return "frozen" if _sam_unused(name) else "whole"
     if name.startswith("prompt_encoder."):
         return "whole" if name.startswith("prompt_encoder.no_mask_embed.") else "frozen"
     return default
@@ -119,7 +130,7 @@ def classify(model: nn.Module, family: str = "auto", overrides=None) -> ParamRol
     fam: Family = detect_family(model) if family in (None, "auto") else family  # type: ignore[assignment]
     head = set(head_parameter_names(model))
     if fam == "sam":  # the task head of a SAM is its mask decoder
-        head = {n for n, _ in model.named_parameters() if n.startswith("mask_decoder.")}
+        head = {n for n, _ in model.named_parameters() if n.startswith("mask_decoder.") and not _sam_unused(n)}
     roles: dict[str, Role] = {}
     for mod_name, module in model.named_modules():
         for leaf, param in module.named_parameters(recurse=False):

@@ -1,7 +1,8 @@
 """GPS parameter roles on SAM, against a listing written from REFERENCE.md ("SAM polyp"):
 encoder Linear/Conv weights are candidates (K per neuron); encoder biases, the whole mask
 decoder and the no-mask embedding are trained whole; norms, pos_embed, relative-position
-tables and the rest of the prompt encoder are frozen."""
+tables and the rest of the prompt encoder are frozen. The decoder's IoU head and the
+hypernetworks of mask tokens 1-3 are frozen too: single-mask output never uses them."""
 
 import json
 import re
@@ -18,6 +19,7 @@ from gps_ds.rules import classify
 # pos_embed, blocks.i.{norm1, attn.{qkv, proj, rel_pos_h, rel_pos_w}, norm2, mlp.{lin1, lin2}},
 # neck = [Conv2d, LayerNorm2d, Conv2d, LayerNorm2d]).
 EXPECTED = [
+    (r"mask_decoder\.(iou_prediction_head|output_hypernetworks_mlps\.[1-9]\d*)\..+", "frozen"),
     (r"mask_decoder\..+", "whole"),
     (r"prompt_encoder\.no_mask_embed\.weight", "whole"),
     (r"prompt_encoder\..+", "frozen"),
@@ -66,8 +68,11 @@ def test_sam_vit_b_k1_counts(capsys):
     rows = _encoder_rows(model)
     # By hand: 12 blocks x (qkv 2304 + proj 768 + lin1 3072 + lin2 768) + patch_embed 768 + neck 256 + 256.
     assert rows == 12 * (2304 + 768 + 3072 + 768) + 768 + 512 == 84_224
+    unused = ("mask_decoder.iou_prediction_head.", "mask_decoder.output_hypernetworks_mlps.1.",
+              "mask_decoder.output_hypernetworks_mlps.2.", "mask_decoder.output_hypernetworks_mlps.3.")
     whole = sum(p.numel() for n, p in model.named_parameters()
-                if n.startswith("mask_decoder.") or n == "prompt_encoder.no_mask_embed.weight")
+                if (n.startswith("mask_decoder.") and not n.startswith(unused))
+                or n == "prompt_encoder.no_mask_embed.weight")
     whole += sum(m.bias.numel() for m in model.image_encoder.modules()
                  if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None)
     counts = count_parameters(model, classify(model), 1)
