@@ -7,7 +7,11 @@ digits job, and checks that both ranks ran, the run wrote its delta into an outp
 after the job id, and MLflow got the experiment named by MLFLOW_EXPERIMENT_NAME. Every wait has
 a deadline; the daemons are stopped and their state removed whatever happens.
 
-Skipped only where Slurm cannot be installed (not root, no apt-get, apt-get failing).
+Skipped only where Slurm cannot be installed or run (not root, no apt-get, apt-get failing), and
+then loudly: the skip names what is missing, raises a warning (warnings summary) and adds a
+"REAL SLURM TEST SKIPPED" section to the terminal summary.  `.ci/run` installs Slurm before the
+suite where it can (root) and then sets GPS_DS_REQUIRE_SLURM=1, which turns any skip into a
+failure: a CI run that could test Slurm never passes without doing so.
 The tests at the end run the batch scripts' derivations with stand-ins for `srun`/`scontrol`
 (fast, no Slurm needed).
 """
@@ -24,12 +28,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SETUP = REPO / ".ci" / "slurm-setup.sh"
+SETUP = Path(os.environ.get("GPS_DS_SLURM_SETUP") or REPO / ".ci" / "slurm-setup.sh")  # as in .ci/run
+NEEDED_COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo", "munged")
+REQUIRE_ENV = "GPS_DS_REQUIRE_SLURM"
+SBIN = "/usr/sbin:/sbin"  # Debian puts the daemons here, often not on a user's PATH
 SBATCH = REPO / "launchers" / "slurm" / "train.sbatch"
 NODE = "localhost"
 
@@ -102,16 +110,56 @@ def _tail(path: Path, lines: int = 40) -> str:
         return f"({path} not written)"
 
 
-def _install_slurm() -> None:
+class SlurmSkipped(UserWarning):
+    """The real-Slurm test did not run (shown in pytest's warnings summary)."""
+
+
+class _SkipReport:
+    """Adds a section to pytest's terminal summary naming what the real-Slurm test missed."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        terminalreporter.section("REAL SLURM TEST SKIPPED", sep="!", red=True, bold=True)
+        for reason in self.reasons:
+            terminalreporter.line(reason, red=True)
+        terminalreporter.line(f"(run .ci/run as root, or set {REQUIRE_ENV}=1 to make this a failure)")
+
+
+def _missing_commands() -> list[str]:
+    path = os.environ.get("PATH", "") + ":" + SBIN
+    return [c for c in NEEDED_COMMANDS if shutil.which(c, path=path) is None]
+
+
+def _skip_loudly(config, reason: str) -> None:
+    """Fail when Slurm is required (GPS_DS_REQUIRE_SLURM=1, set by .ci/run after installing it);
+    otherwise skip, with a warning and a terminal-summary section that say what is missing."""
+    missing = _missing_commands()
+    full = f"real-Slurm test not run: {reason}" + (f" (missing: {', '.join(missing)})" if missing else "")
+    if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
+        pytest.fail(f"{REQUIRE_ENV} is set but {full}")
+    if config is not None:
+        report = next((p for p in config.pluginmanager.get_plugins() if isinstance(p, _SkipReport)), None)
+        if report is None:
+            report = _SkipReport()
+            config.pluginmanager.register(report, "gps-ds-slurm-skip-report")
+        report.reasons.append(full)
+    warnings.warn(full, SlurmSkipped, stacklevel=2)
+    pytest.skip(full)
+
+
+def _install_slurm(config=None) -> None:
     try:
         proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{SETUP} did not finish within {INSTALL_TIMEOUT_S} s")
     if proc.returncode in (3, 4):  # cannot install here: not root, no apt-get, apt-get failed
-        pytest.skip(f"Slurm cannot be installed here: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
+        last = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
+        _skip_loudly(config, f"Slurm cannot be installed here: {last}")
     assert proc.returncode == 0, f"{SETUP} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     if os.geteuid() != 0:
-        pytest.skip("slurmd must run as root to launch job steps; not root")
+        _skip_loudly(config, "slurmd must run as root to launch job steps; not root")
 
 
 class Cluster:
@@ -244,8 +292,8 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster():
-    _install_slurm()
+def cluster(request):
+    _install_slurm(request.config)
     # Short path: munged's socket path must stay under the 108-byte limit of Unix sockets.
     root = Path(tempfile.mkdtemp(prefix="gpsds-slurm-", dir="/tmp"))
     c = Cluster(root)
@@ -486,3 +534,78 @@ def test_batch_script_masks_uri_credentials_in_its_log(tmp_path):
     log = [line for line in proc.stdout.splitlines() if not line.startswith("{")]
     assert any("tracking.uri=https://***@mlflow.example" in line for line in log), log
     assert not any("t0ken" in line for line in log), log
+
+
+def _fake_setup(tmp_path, code: int, message: str) -> Path:
+    script = tmp_path / "slurm-setup.sh"
+    script.write_text(f"#!/usr/bin/env bash\necho 'slurm-setup: {message}' >&2\nexit {code}\n")
+    return script
+
+
+def test_slurm_skip_is_loud(tmp_path, monkeypatch, request):
+    """Where Slurm cannot be installed, the skip names the reason and what is missing, warns,
+    and registers the terminal-summary section; with GPS_DS_REQUIRE_SLURM=1 it fails instead."""
+    here = sys.modules[__name__]
+    monkeypatch.setattr(here, "SETUP", _fake_setup(tmp_path, 3, "cannot install slurmctld: not root"))
+    bin_dir = tmp_path / "bin"  # bash and nothing else: no Slurm command anywhere on PATH
+    bin_dir.mkdir()
+    (bin_dir / "bash").symlink_to(shutil.which("bash"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(here, "SBIN", str(bin_dir))
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    plugins_before = set(map(id, request.config.pluginmanager.get_plugins()))
+    with pytest.warns(SlurmSkipped, match="not root") as warned, pytest.raises(pytest.skip.Exception) as skipped:
+        _install_slurm(request.config)
+    assert "missing: slurmctld" in str(skipped.value) and "munged" in str(skipped.value)
+    assert "not root" in str(warned[0].message)
+    report = next(p for p in request.config.pluginmanager.get_plugins() if isinstance(p, _SkipReport))
+    try:
+        assert any("not root" in r for r in report.reasons)
+
+        class Terminal:
+            def __init__(self):
+                self.text = []
+
+            def section(self, title, **kw):
+                self.text.append(title)
+
+            def line(self, text, **kw):
+                self.text.append(text)
+
+        term = Terminal()
+        report.pytest_terminal_summary(term)
+        assert term.text[0] == "REAL SLURM TEST SKIPPED" and any("missing: slurmctld" in t for t in term.text)
+    finally:
+        if id(report) not in plugins_before:  # this test's own entry must not reach the real summary
+            request.config.pluginmanager.unregister(report)
+
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match=f"{REQUIRE_ENV} is set but .*not root"):
+        _install_slurm(request.config)
+
+
+def test_ci_run_installs_slurm_and_requires_it(tmp_path):
+    """`.ci/run`: runs the Slurm set-up before `make test`; on success it exports
+    GPS_DS_REQUIRE_SLURM=1, on failure it prints a banner and lets the test skip (loudly)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    make = bin_dir / "make"
+    make.write_text('#!/usr/bin/env bash\necho "make $* REQUIRE=${GPS_DS_REQUIRE_SLURM:-unset}"\n')
+    make.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
+    env.pop(REQUIRE_ENV, None)
+    root = os.geteuid() == 0
+    for code, want in ((0, "REQUIRE=1"), (3, "REQUIRE=unset"), (4, "REQUIRE=unset")):
+        env["GPS_DS_SLURM_SETUP"] = str(_fake_setup(tmp_path, code, f"fake exit {code}"))
+        proc = subprocess.run(["bash", str(REPO / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        if not root:  # the set-up is not even tried: slurmd could not run anyway
+            assert "make test REQUIRE=unset" in proc.stdout and "REAL SLURM TEST WILL BE SKIPPED: not root" in proc.stdout
+            continue
+        assert f"make test {want}" in proc.stdout, (code, proc.stdout, proc.stderr)
+        if code:
+            assert "REAL SLURM TEST WILL BE SKIPPED" in proc.stdout and f"fake exit {code}" in proc.stderr
+    # make's exit status is .ci/run's
+    make.write_text("#!/usr/bin/env bash\nexit 7\n")
+    proc = subprocess.run(["bash", str(REPO / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 7
