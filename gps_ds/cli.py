@@ -119,12 +119,16 @@ def cmd_delta_inspect(args) -> int:
 
 
 def cmd_delta_merge(args) -> int:
-    from gps_ds.delta import load_delta, merge_state_dict
+    from gps_ds.delta import load_delta
+    from gps_ds.methods import get_method
     from gps_ds.weights import load_state_dict, save_state_dict
 
     delta = load_delta(args.delta)
     head = json.loads(delta.meta.get("head", "[]"))
-    merged = merge_state_dict(load_state_dict(args.base), delta, head=head)
+    # The delta's own method merges it (gps/full/...: entries and whole tensors; lora: W + (alpha/r) B A;
+    # ssf: scale and shift folded into the layers; adapter/vpt refuse in one line).
+    method = get_method(delta.meta.get("method", "gps"), json.loads(delta.meta.get("method_options", "{}")))
+    merged = method.merge(load_state_dict(args.base), delta, head)
     save_state_dict(merged, args.out)
     print(f"wrote {args.out}: {len(merged)} tensors, {delta.num_selected():,} selected entries and "
           f"{len(delta.whole)} whole tensors from {args.delta}")
@@ -135,6 +139,21 @@ def cmd_demo(args) -> int:
     from gps_ds.demo import run_demo
 
     run_demo(args.out, pretrain_epochs=args.pretrain_epochs, epochs=args.epochs)
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from gps_ds.ablate import DEFAULT_LOSSES, DEFAULT_SCHEMES, format_table, known_losses, parse_list, run_ablation
+    from gps_ds.selection.schemes import SCHEMES
+
+    schemes = parse_list(args.schemes, tuple(SCHEMES), "--schemes") if args.schemes else list(DEFAULT_SCHEMES)
+    losses = parse_list(args.losses, known_losses(), "--losses") if args.losses else list(DEFAULT_LOSSES)
+    cfg = _load(args)
+    out = args.out or f"{cfg.output.dir}-ablation"
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = run_ablation(cfg, out, schemes, losses, resume=not args.no_resume, show_progress=not args.quiet,
+                          log=log)
+    emit(json.dumps(result) if args.json else f"{format_table(result)}\n\nwrote {out}/ablation.json, {out}/ablation.md")
     return 0
 
 
@@ -164,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train, noisy=True)
+
+    p = sub.add_parser("ablate", help="one GPS model per selection scheme and scoring loss, same budget; one table")
+    _add_config_args(p)
+    p.add_argument("--schemes", help="comma-separated gps.scheme values (default: all: gps,net,layer,random-net,"
+                                     "random-neuron,magnitude)")
+    p.add_argument("--losses", help="comma-separated gps.loss values for the gradient schemes (default: supcon,ce)")
+    p.add_argument("--out", help="folder for the runs, ablation.json and ablation.md (default: <output.dir>-ablation)")
+    p.add_argument("--no-resume", action="store_true", help="train every run again, even finished ones")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_ablate, noisy=True)
 
     p = sub.add_parser("eval", help="evaluate a delta file on the config's test data")
     _add_config_args(p)
