@@ -90,5 +90,6 @@ def test_method_trainables():
     bitfit = set(trainable_names(roles, "bitfit"))
     assert bitfit == {n for n, _ in model.named_parameters() if n.endswith("bias")} | {"head.weight"}
     assert set(trainable_names(roles, "full")) == {n for n, _ in model.named_parameters()}
+    assert trainable_names(roles, "lora") == ["head.weight", "head.bias"]  # + the LoRA factors it adds
     with pytest.raises(RuleError):
-        trainable_names(roles, "lora")
+        trainable_names(roles, "no-such-method")

@@ -7,6 +7,10 @@ import torch.nn as nn
 
 from gps_ds.methods import gps as _gps  # noqa: F401  (registers)
 from gps_ds.methods import simple as _simple  # noqa: F401  (registers)
+from gps_ds.methods import lora as _lora  # noqa: F401  (registers)
+from gps_ds.methods import adapter as _adapter  # noqa: F401  (registers)
+from gps_ds.methods import vpt as _vpt  # noqa: F401  (registers)
+from gps_ds.methods import ssf as _ssf  # noqa: F401  (registers)
 from gps_ds.methods.base import (METHODS, Method, MethodError, Prepared, get_method, method_names,
                                  register_method, set_trainable)
 from gps_ds.rules import ParamRoles
