@@ -10,7 +10,15 @@ Part 2, sparse mode under ZeRO-3: same model in sparse mode, NB steps, evaluatio
 uneven split of a fixed eval set, the delta extracted through the trainer's
 `gathered_delta`; rank 0 compares with a single-process run on the global batches.
 
+Part 3 (--reference OPT:SETUP,...): the masked engine hook with Adam / SGD (coupled) or AdamW
+(decoupled) weight decay > 0 under ZeRO 1-3 (and stage 0 bf16, frozen entries only); rank 0
+compares the gathered weights with the initial ones (frozen entries) and with one process
+stepping the plain torch optimizer on a dense copy (selected entries, biases, head).
+
 Rank 0 writes the numbers to --out (JSON); the test asserts.
+
+--trainer NAME --set key=value ...: instead, run `gps_ds.engine.Trainer(cfg).run()` and have
+every rank write its engine's dense weights to <output.dir>/NAME-rank<r>.safetensors.
 """
 
 from __future__ import annotations
@@ -30,13 +38,10 @@ import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from gps_ds.delta import load_delta, save_delta  # noqa: E402
+# Parts 1-2 import the trainer's pieces (methods, optim, engine, evaluation) where they use them,
+# so part 3 and --trainer depend only on the masked-mode hook and the public Trainer.
 from gps_ds.distributed import init_distributed  # noqa: E402
-from gps_ds.engine import gathered_delta  # noqa: E402
-from gps_ds.evaluation import evaluate  # noqa: E402
-from gps_ds.methods import prepare_model  # noqa: E402
 from gps_ds.models import create_model  # noqa: E402
-from gps_ds.optim import build_optimizer  # noqa: E402
 from gps_ds.rules import classify  # noqa: E402
 from gps_ds.sparse.masked import selection_mask  # noqa: E402
 from gps_ds.sparse.zero_hook import (  # noqa: E402
@@ -108,6 +113,9 @@ def gathered_state(model):
 def masked_run(name, rank, world, batches):
     import deepspeed
 
+    from gps_ds.methods import prepare_model
+    from gps_ds.optim import build_optimizer
+
     cfg = ds_config(SETUPS[name])
     model = build_model()
     roles, sel = fixed_selection(model)
@@ -163,6 +171,154 @@ def masked_run(name, rank, world, batches):
     return entry
 
 
+# --------------------------------------------------------------------------- part 3
+# The engine hook (ZeroMaskedHook) with each optimizer and weight decay > 0, against one process
+# stepping a plain torch optimizer on a dense copy: what masked mode promises (sparse/masked.py,
+# sparse/zero_hook.py) is that the masked weights train as if their non-selected gradients were
+# 0 and the weight decay applied to the selected entries only (coupled for Adam / SGD:
+# g += wd * p; decoupled for AdamW: p *= 1 - lr * wd), the other trainable tensors (biases,
+# head) as usual.  Groups as the trainer builds them (gps_ds.optim.build_optimizer): weights of
+# 2+ dimensions with decay, biases without.
+
+# optimizer: (class, hyper-parameters, decoupled decay, weight decay).  AdamW's decay moves a
+# weight by lr * wd * |w| per step: wd 1.0 makes that ~1e-4 here, far above fp32 rounding.
+REF_OPTS = {
+    "adam": (torch.optim.Adam, {"lr": 1e-3}, False, 0.1),
+    "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}, False, 0.1),
+    "adamw": (torch.optim.AdamW, {"lr": 1e-3}, True, 1.0),
+}
+REF_SETUPS = {
+    "1": {"zero_optimization": {"stage": 1}},
+    "2": {"zero_optimization": {"stage": 2}},
+    "3": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+    "bf16_0": {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}},  # frozen entries only
+}
+
+
+def _trainable(model, sel):
+    """Masked weights and the tensors the rules train whole (biases, head) train; the rest
+    (norms, position embedding, class token) is frozen."""
+    whole = set(classify(model).whole)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in sel or n in whole)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _groups(named, wd):
+    decay = [p for _, p in named if p.dim() >= 2]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _dense_masks(model, sel):
+    """Bool mask per masked weight, True at the selected entries (built here, not by gps_ds)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for n, idx in sel.items():
+        p = params[n]
+        m = torch.zeros(p.shape[0], p[0].numel(), dtype=torch.bool)
+        out[n] = m.scatter_(1, idx, True).view(p.shape)
+    return out
+
+
+def reference_masked(opt_name, batches, wd):
+    """One process, dense weights, plain torch optimizer: non-selected gradients zeroed and the
+    decay of masked weights applied by hand to their selected entries only."""
+    cls, kw, decoupled, _ = REF_OPTS[opt_name]
+    model = build_model()
+    _, sel = fixed_selection(model)
+    masks = _dense_masks(model, sel)
+    named = _trainable(model, sel)
+    masked = [p for n, p in named if n in sel]
+    rest = [(n, p) for n, p in named if n not in sel]
+    groups = [{"params": masked, "weight_decay": 0.0}] + _groups(rest, wd)
+    opt = cls(groups, **kw)
+    params = dict(model.named_parameters())
+    lr = kw["lr"]
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for n, m in masks.items():
+                p = params[n]
+                if decoupled:
+                    p.copy_(torch.where(m, p * (1 - lr * wd), p))
+                    p.grad.copy_(torch.where(m, p.grad, torch.zeros_like(p.grad)))
+                else:
+                    p.grad.copy_(torch.where(m, p.grad + wd * p, torch.zeros_like(p.grad)))
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def hook_reference_run(opt_name, setup, rank, world, batches):
+    import deepspeed
+
+    from gps_ds.sparse.masked import MaskedGradients
+
+    cls, kw, _, wd = REF_OPTS[opt_name]
+    cfg = ds_config(REF_SETUPS[setup])
+    cfg["zero_allow_untested_optimizer"] = True
+    model = build_model()
+    roles, sel = fixed_selection(model)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    named = _trainable(model, sel)
+    opt = cls(_groups(named, wd), **kw)
+    masked = MaskedGradients(model, sel)
+    masked.attach(opt, mask_on_backward=False)  # as the trainer does when the engine hook runs
+    trainable = [p for _, p in named]
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=trainable, config=cfg)
+    hook = ZeroMaskedHook(engine, masked, model)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    coupled_groups = sum(1 for g in hook.inner.param_groups if g.get("gps_weight_decay"))
+    for batch in batches:
+        x, y = local(batch, rank, world)
+        engine.backward(nn.functional.cross_entropy(engine(x.to(dtype)).float(), y))
+        engine.step()
+    after = gathered_state(model)
+    engine.destroy()
+    del engine, opt
+    dist.barrier()
+    if rank != 0:
+        return None
+    masks = _dense_masks(build_model(), sel)
+    frozen_moved = sum(int((after[n] != init[n].to(after[n].dtype))[~m].sum()) for n, m in masks.items())
+    frozen_total = sum(int((~m).sum()) for m in masks.values())
+    untrained = roles.frozen
+    entry = {"optimizer": opt_name, "setup": setup, "frozen_moved": frozen_moved, "frozen_total": frozen_total,
+             "untrained_moved": [n for n in untrained if not torch.equal(after[n], init[n].to(after[n].dtype))],
+             "groups_with_masked_decay": coupled_groups, "hook_frozen_entries": hook.frozen_entries}
+    if setup.startswith("bf16"):
+        return entry
+    ref = reference_masked(opt_name, batches, wd)
+    ref_nowd = reference_masked(opt_name, batches, 0.0)
+    errs, sel_moved, sel_total = {}, 0, 0
+    for n, a in after.items():
+        if n in masks:
+            m = masks[n]
+            d = (a - ref[n]).abs()[m]
+            sel_moved += int((a != init[n])[m].sum())
+            sel_total += int(m.sum())
+        else:
+            d = (a - ref[n]).abs().reshape(-1)
+        if n.endswith("attn.qkv.bias") and opt_name != "sgd":
+            # The key bias has a gradient that is 0 in exact arithmetic (softmax is shift
+            # invariant); Adam turns its rounding noise into +-lr steps: reported apart, not
+            # compared (SGD keeps it as small as it is and is compared).
+            third = d.numel() // 3
+            errs[n + "[key]"] = float(d[third:2 * third].max())
+            d = torch.cat([d[:third], d[2 * third:]])
+        errs[n] = float(d.max()) if d.numel() else 0.0
+    key = {n: v for n, v in errs.items() if n.endswith("[key]")}
+    strict = {n: v for n, v in errs.items() if not n.endswith("[key]")}
+    # How far the decay moves the selected entries (the comparison must be able to see it).
+    wd_effect = max(float((ref[n] - ref_nowd[n]).abs()[m].max()) for n, m in masks.items())
+    entry.update({"max_abs_err": max(strict.values()), "worst": sorted(strict.items(), key=lambda kv: -kv[1])[:4],
+                  "key_bias_max_abs_err": max(key.values()) if key else None, "lr": kw["lr"], "steps": len(batches),
+                  "selected_moved": sel_moved, "selected_total": sel_total, "wd_effect": wd_effect,
+                  "max_abs_update": max(float((ref[n] - init[n]).abs().max()) for n in masks)})
+    return entry
+
+
 def eval_split(rank):
     g = torch.Generator().manual_seed(99)
     x, y = torch.randn(20, 3, IMG, IMG, generator=g), torch.randint(0, CLASSES, (20,), generator=g)
@@ -172,6 +328,9 @@ def eval_split(rank):
 
 
 def reference_sparse(batches, eval_all):
+    from gps_ds.methods import prepare_model
+    from gps_ds.optim import build_optimizer
+
     model = build_model()
     roles, sel = fixed_selection(model)
     prepared = prepare_model(model, roles, "gps", sel, "sparse")
@@ -194,6 +353,12 @@ def reference_sparse(batches, eval_all):
 
 def sparse_zero3(rank, world, batches, tmp, stage="3"):
     import deepspeed
+
+    from gps_ds.delta import load_delta, save_delta
+    from gps_ds.engine import gathered_delta
+    from gps_ds.evaluation import evaluate
+    from gps_ds.methods import prepare_model
+    from gps_ds.optim import build_optimizer
 
     cfg = ds_config(SETUPS[stage])
     model = build_model()
@@ -252,14 +417,48 @@ def sparse_zero3(rank, world, batches, tmp, stage="3"):
     return entry
 
 
+# --------------------------------------------------------------------------- --trainer
+def trainer_run(overrides, out_name):
+    """The trainer through its public entry point (`Trainer(cfg).run()`), then every rank writes
+    the dense weights its engine holds (`trainer.engine.module`) to `<output.dir>/<out_name>-rank<r>
+    .safetensors`: what training actually did to the weights, not what the delta file says."""
+    from safetensors.torch import save_file
+
+    from gps_ds.config import load_config
+    from gps_ds.engine import Trainer
+
+    rank, world = init_distributed()
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, show_progress=False)
+    summary = trainer.run()
+    module = trainer.engine.module
+    params = list(module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            state = {n: p.detach().float().contiguous().clone() for n, p in module.named_parameters()}
+    else:
+        state = {n: p.detach().float().contiguous().clone() for n, p in module.named_parameters()}
+    save_file(state, os.path.join(cfg.output.dir, f"{out_name}-rank{rank}.safetensors"),
+              metadata={"world_size": str(world), "delta": str(summary.get("delta"))})
+    dist.barrier()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--setups", default="1,2,bf16_0,3")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--sparse", action="store_true")
     ap.add_argument("--sparse-stages", default="3")
+    ap.add_argument("--reference", default="", help="optimizer:setup pairs for part 3, e.g. adam:1,sgd:3")
+    ap.add_argument("--trainer", metavar="NAME", help="run the Trainer with the --set overrides instead; every "
+                    "rank saves its engine weights to <output.dir>/NAME-rank<r>.safetensors")
+    ap.add_argument("--set", action="append", default=[], help="config override for --trainer (key=value)")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
+    if args.trainer:
+        return trainer_run(args.set, args.trainer)
     rank, world = init_distributed()
     torch.set_num_threads(1)
     batches = make_batches()
@@ -268,6 +467,12 @@ def main():
         report["masked"][name] = masked_run(name, rank, world, batches)
         if rank == 0:
             print(f"[zero_training_check] masked {name}: {json.dumps(report['masked'][name])}", flush=True)
+    report["reference"] = {}
+    for pair in [p for p in args.reference.split(",") if p]:
+        opt_name, setup = pair.split(":")
+        report["reference"][pair] = hook_reference_run(opt_name, setup, rank, world, batches)
+        if rank == 0:
+            print(f"[zero_training_check] reference {pair}: {json.dumps(report['reference'][pair])}", flush=True)
     if args.sparse:
         for st in args.sparse_stages.split(","):
             key = "sparse_zero3" if st == "3" else f"sparse_{st}"
