@@ -52,4 +52,24 @@ def count_parameters(model: nn.Module, roles: ParamRoles, k: int) -> dict:
         "full": entry(0, trainable_names(roles, "full")),
         "linear": entry(0, trainable_names(roles, "linear")),
         "bitfit": entry(0, trainable_names(roles, "bitfit")),
+        **wrapped_method_counts(model, roles, backbone),
     }
+
+
+WRAPPED_METHODS = ("lora", "adapter", "vpt-shallow", "vpt-deep", "ssf")
+
+
+def wrapped_method_counts(model: nn.Module, roles: ParamRoles, backbone: int) -> dict[str, dict]:
+    """Counts of the methods that add modules, with their default options (a method that does not
+    support the model's family is left out)."""
+    from gps_ds.methods import MethodError, get_method
+
+    out = {}
+    for name in WRAPPED_METHODS:
+        try:
+            c = get_method(name).count_unwrapped(model, roles)
+        except MethodError:
+            continue
+        c["percent_of_backbone"] = round(100.0 * c["total"] / backbone, 4) if backbone else None
+        out[name] = c
+    return out

@@ -356,3 +356,22 @@ def test_user_mistakes_are_one_line_errors(digits, tmp_path):
     # Every new method is a valid train.method of the config.
     for name in METHODS:
         assert make_cfg(digits, tmp_path, name).train.method == name
+
+
+def test_counts_without_data_match_the_hand_written_shapes():
+    """`gps-ds count` (meta-device model): each new method's total = its new tensors (shapes written
+    out by hand above) + the head; lora's default targets also fit a ConvNeXt (its MLP layers)."""
+    import math
+
+    from gps_ds.count import count_parameters
+
+    model = create_model("test_vit", CLASSES, img_size=32, device="meta")
+    counts = count_parameters(model, classify(model), 1)
+    head = DIM * CLASSES + CLASSES
+    for name in METHODS:
+        assert counts[name]["total"] == sum(math.prod(s) for s in expected_new(name, model).values()) + head, name
+    convnext = create_model("test_convnext", 5, device="meta")
+    counts = count_parameters(convnext, classify(convnext), 1)
+    assert "adapter" not in counts and "vpt-deep" not in counts  # families they refuse
+    fcs = [m for n, m in convnext.named_modules() if n.endswith(("mlp.fc1", "mlp.fc2"))]
+    assert fcs and counts["lora"]["total"] == sum(8 * (m.in_features + m.out_features) for m in fcs) + 5 * 64 + 5

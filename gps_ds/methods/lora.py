@@ -10,6 +10,7 @@ W' = W + (alpha / r) B A (for a Conv2d, B A over the flattened kernel).
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Mapping
 
 import torch
@@ -36,14 +37,16 @@ class LoraOptions(BaseModel):
                                description="fnmatch patterns of module names (Linear or Conv2d) to adapt")
 
 
-def resolve_targets(model: nn.Module, roles: ParamRoles, patterns: list[str]) -> list[str]:
-    """Module names matched by `patterns` (head excluded); each pattern must match a Linear/Conv2d."""
+def resolve_targets(model: nn.Module, roles: ParamRoles, patterns: list[str], strict: bool = True) -> list[str]:
+    """Module names matched by `patterns` (head excluded), all Linear / ungrouped Conv2d. `strict`:
+    every pattern must match (the user's own list); else only the list as a whole (the defaults,
+    which name layers of several families: a ConvNeXt has no attention)."""
     head = head_modules(model, roles)
     modules = [(n, m) for n, m in model.named_modules() if n and n not in head]
     names: list[str] = []
     for pattern in patterns:
         hits = [(n, m) for n, m in modules if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
+        if not hits and strict:
             raise MethodError(f"train.method_options.targets: '{pattern}' matches no module of this model")
         for n, m in hits:
             if not isinstance(m, (nn.Linear, nn.Conv2d)) or getattr(m, "groups", 1) != 1:
@@ -51,6 +54,8 @@ def resolve_targets(model: nn.Module, roles: ParamRoles, patterns: list[str]) ->
                                   f"({type(m).__name__}); LoRA here adapts Linear and ungrouped Conv2d layers")
             if n not in names:
                 names.append(n)
+    if not names:
+        raise MethodError(f"train.method_options.targets: {patterns} match no module of this model")
     return names
 
 
@@ -63,11 +68,22 @@ class Lora(WrappingMethod):
         from peft import LoraConfig, inject_adapter_in_model
 
         o = self.options
-        targets = resolve_targets(model, roles, o.targets)
+        targets = resolve_targets(model, roles, o.targets, strict="targets" in o.model_fields_set)
         # Full module names as a list: PEFT matches a list entry against the whole name (or a suffix).
         config = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=targets, bias="none")
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         return [n for n, _ in model.named_parameters() if n.endswith((A_SUFFIX, B_SUFFIX))]
+
+    def count_unwrapped(self, model: nn.Module, roles: ParamRoles) -> dict[str, int]:
+        """A (r, in[, kh, kw]) + B (out, r[, 1, 1]) per target, + the head; without importing PEFT."""
+        self.check_family(roles)
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        targets = resolve_targets(model, roles, self.options.targets, strict="targets" in self.options.model_fields_set)
+        r = self.options.r
+        factors = sum(r * (math.prod(modules[t].weight.shape[1:]) + modules[t].weight.shape[0]) for t in targets)
+        whole = factors + sum(params[n].numel() for n in roles.head)
+        return {"selected": 0, "whole": whole, "total": whole}
 
     def merge(self, state: Mapping[str, torch.Tensor], delta: Delta, head: list[str]) -> dict[str, torch.Tensor]:
         """The plain state dict: every target weight W + (alpha / r) B A, the head from the delta."""

@@ -44,6 +44,14 @@ class WrappingMethod(Method):
         set_trainable(model, whole)
         return Prepared(self.name, whole, impl=self)
 
+    def count_unwrapped(self, model: nn.Module, roles: ParamRoles) -> dict[str, int]:
+        """What `count` would report after `prepare`, without changing `model` (wraps a copy;
+        cheap for a meta-device model). Raises MethodError for a family the method refuses."""
+        import copy
+
+        twin = copy.deepcopy(model)
+        return self.count(twin, self.prepare(twin, roles))
+
     def apply_delta(self, model: nn.Module, roles: ParamRoles, delta: Delta) -> nn.Module:
         self.prepare(model, roles)
         load_delta_into_model(model, delta)  # refuses a tensor the wrapped model does not have
