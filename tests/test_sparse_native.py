@@ -16,7 +16,8 @@ import torch
 from gps_ds.sparse import kernel_settings, native
 from gps_ds.sparse.linear_kernels import fused_index, sampled_dense, sampled_fused, sampled_gather
 
-HAVE_CC = native._compiler() is not None
+_CC = native._compiler()  # $CC, else cc / gcc / clang on PATH
+HAVE_CC = _CC is not None and shutil.which(_CC) is not None
 needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc, gcc, clang or $CC): the fused kernel "
                                                   "cannot be built here; the torch fallback is tested instead")
 
