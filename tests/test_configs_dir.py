@@ -166,3 +166,9 @@ def test_demo_config_matches_the_demo_backbone():
 
     cfg = load(next(p for p in CONFIGS if p.name == "demo.json"))
     assert (cfg.model.name, cfg.model.img_size, cfg.model.kwargs) == (BACKBONE["name"], BACKBONE["img_size"], BACKBONE["kwargs"])
+    from gps_ds.demo import FINETUNE_EPOCHS, LR_GRID
+
+    # the demo's own stage-2 set-up: validation split, same epochs, a learning rate of the gps grid
+    assert cfg.data.val is not None and cfg.data.image_size == BACKBONE["img_size"]
+    assert cfg.train.epochs == FINETUNE_EPOCHS and cfg.train.lr in LR_GRID["gps"]
+    assert cfg.model.checkpoint == "runs/demo/pretrained/vit_mnist.safetensors"
