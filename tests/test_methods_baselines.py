@@ -49,11 +49,31 @@ def a_batch(seed: int = 0) -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module")
+def warm_backbone(digits, tmp_path_factory):
+    """test_vit briefly trained in full on the digits (a random ViT's features barely depend on the
+    input): the methods start from it, as from a pre-trained backbone."""
+    from gps_ds.delta import merge_state_dict
+
+    out = tmp_path_factory.mktemp("warm")
+    cfg = make_cfg(digits, out / "run", "full")
+    cfg.train.epochs, cfg.train.lr, cfg.data.steps_per_epoch = 3, 1e-3, 4
+    Trainer(cfg, show_progress=False).run()
+    path = out / "warm.safetensors"
+    save_state_dict(merge_state_dict(fresh_model(cfg).state_dict(), load_delta(out / "run" / "delta_last.safetensors")),
+                    path)
+    return path
+
+
+LR = {"lora": 3e-3, "adapter": 3e-3, "ssf": 3e-3, "vpt-shallow": 1e-2, "vpt-deep": 1e-2}
+
+
 @pytest.fixture(scope="module", params=METHODS)
-def trained(request, digits, tmp_path_factory):
-    """One short trainer run per method (2 epochs x 3 steps), shared by the tests below."""
+def trained(request, digits, warm_backbone, tmp_path_factory):
+    """One short trainer run per method (2 epochs x 3 steps) from the warm backbone, shared below."""
     out = tmp_path_factory.mktemp(request.param)
     cfg = make_cfg(digits, out / "run", request.param)
+    cfg.model.checkpoint, cfg.train.lr = str(warm_backbone), LR[request.param]
     trainer = Trainer(cfg, show_progress=False)
     summary = trainer.run()
     return {"method": request.param, "cfg": cfg, "out": out, "summary": summary,
@@ -114,6 +134,17 @@ def test_only_its_parameters_train(trained):
     assert set(delta.whole) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert not delta.selected and trained["summary"]["trainable"]["total"] == delta.num_whole()
     assert delta.meta["method"] == method
+
+
+def test_training_learned(trained):
+    """Test top-1 rose well above the warm starting model's (41% on these digits)."""
+    from gps_ds.data.loaders import make_eval_loader
+    from gps_ds.evaluation import evaluate
+
+    cfg = trained["cfg"]
+    start = evaluate(fresh_model(cfg), make_eval_loader(cfg.data, 0, 1, batch_size_per_rank=64), "cpu",
+                     torch.float32).top1
+    assert trained["summary"]["test"]["top1"] >= start + 5.0, (start, trained["summary"]["test"])
 
 
 def test_eval_of_the_delta_reproduces_the_trainers_test_metric(trained, tmp_path, capsys):
@@ -375,3 +406,34 @@ def test_counts_without_data_match_the_hand_written_shapes():
     assert "adapter" not in counts and "vpt-deep" not in counts  # families they refuse
     fcs = [m for n, m in convnext.named_modules() if n.endswith(("mlp.fc1", "mlp.fc2"))]
     assert fcs and counts["lora"]["total"] == sum(8 * (m.in_features + m.out_features) for m in fcs) + 5 * 64 + 5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_new_parameters_follow_the_weights_device_and_dtype(method):
+    """A bf16 model gets bf16 method parameters (and runs); a meta-device model gets meta ones."""
+    model = create_model("test_vit", 5, img_size=32).to(torch.bfloat16)
+    prepared = get_method(method).prepare(model, classify(model))
+    params = dict(model.named_parameters())
+    assert {params[n].dtype for n in prepared.whole} == {torch.bfloat16}
+    with torch.no_grad():
+        assert model(a_batch().to(torch.bfloat16)).dtype == torch.bfloat16
+    model = create_model("test_vit", 5, img_size=32, device="meta")
+    prepared = get_method(method).prepare(model, classify(model))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep"])
+def test_vpt_with_gradient_checkpointing_computes_the_same(method):
+    """model.grad_checkpointing: timm's checkpoint_seq would skip the prompts; the prompted blocks
+    checkpoint themselves, so outputs and prompt gradients equal those of the plain run."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = create_model("test_vit", 5, img_size=32, grad_checkpointing=checkpointing).eval()
+        get_method(method).prepare(model, classify(model))
+        out = model(a_batch())
+        out.square().sum().backward()
+        results.append((out.detach(), model.blocks.prompts.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+    assert results[0][1].abs().sum() > 0

@@ -5,7 +5,8 @@ prefix tokens) of the embedded input, before the first block. `vpt-deep`: the sa
 block, and every later block's prompt positions replaced by that block's own prompts. Prompts get
 no position embedding; the head reads the class token as before. `model.blocks` becomes a
 `PromptedBlocks` (an `nn.Sequential` with the same children, so every base parameter keeps its
-name) holding `blocks.prompts` of shape (1 or depth, tokens, embed_dim). Not mergeable.
+name) holding `blocks.prompts` of shape (1 or depth, tokens, embed_dim); it takes over the model's
+gradient checkpointing (timm's would call the blocks without the prompts). Not mergeable.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from pydantic import BaseModel, ConfigDict, Field
 
 from gps_ds.methods.base import MethodError, register_method
@@ -24,11 +26,13 @@ from gps_ds.rules import ParamRoles
 class PromptedBlocks(nn.Sequential):
     """The blocks of a ViT, with prompt tokens written in front of the patch tokens."""
 
-    def __init__(self, blocks: nn.Sequential, prompts: nn.Parameter, prefix: int, dropout: float) -> None:
+    def __init__(self, blocks: nn.Sequential, prompts: nn.Parameter, prefix: int, dropout: float,
+                 grad_checkpointing: bool = False) -> None:
         super().__init__(*blocks)
         self.prompts = prompts  # (1 shallow | depth deep, tokens, dim)
         self.prefix = prefix
         self.prompt_dropout = nn.Dropout(dropout)
+        self.grad_checkpointing = grad_checkpointing  # recompute each block in backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, tokens = self.prefix, self.prompts.shape[1]
@@ -37,7 +41,10 @@ class PromptedBlocks(nn.Sequential):
                 p = self.prompt_dropout(self.prompts[i]).to(x.dtype).expand(x.shape[0], -1, -1)
                 after = x[:, n:] if i == 0 else x[:, n + tokens:]  # insert at block 0, replace later
                 x = torch.cat([x[:, :n], p, after], dim=1)
-            x = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 
 
@@ -68,8 +75,12 @@ class _Vpt(WrappingMethod):
         depth = len(blocks) if self.deep else 1
         data = prompt_init(torch.empty(depth, self.options.tokens, model.embed_dim), model.patch_embed.patch_size,
                            model.embed_dim)
+        # timm's own checkpointing (`checkpoint_seq(model.blocks, x)`) would call the blocks without
+        # the prompts: PromptedBlocks checkpoints each block itself instead.
+        checkpointing = bool(getattr(model, "grad_checkpointing", False))
+        model.grad_checkpointing = False
         model.blocks = PromptedBlocks(blocks, new_parameter(data, like), model.num_prefix_tokens,
-                                      self.options.dropout)
+                                      self.options.dropout, checkpointing)
         return ["blocks.prompts"]
 
 
