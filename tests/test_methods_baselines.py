@@ -437,3 +437,26 @@ def test_vpt_with_gradient_checkpointing_computes_the_same(method):
     torch.testing.assert_close(results[1][0], results[0][0])
     torch.testing.assert_close(results[1][1], results[0][1])
     assert results[0][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "ssf", "vpt-deep"])  # PEFT layers, hooks on base layers, a container's
+def test_zero3_run_saves_full_tensors_and_evaluates_the_same(digits, warm_backbone, tmp_path, capsys, method):
+    """ZeRO-3 (one process; the new modules are attached before DeepSpeed partitions the model):
+    the delta holds the full tensors (PEFT adapters saved under ZeRO-3 have come out empty
+    elsewhere) and `gps-ds eval` of it reproduces the run's test metric."""
+    cfg = make_cfg(digits, tmp_path / "run", method)
+    cfg.model.checkpoint, cfg.train.lr = str(warm_backbone), LR[method]
+    cfg.deepspeed["zero_optimization"] = {"stage": 3}
+    summary = Trainer(cfg, show_progress=False).run()
+    delta = load_delta(tmp_path / "run" / "delta_last.safetensors")
+    init = fresh_model(cfg)
+    shapes = {n: tuple(t.shape) for n, t in delta.whole.items() if n not in classify(init).head}
+    assert shapes == expected_new(method, init)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    capsys.readouterr()
+    assert run(["eval", "--config", str(cfg_path), "--delta", str(tmp_path / "run" / "delta_last.safetensors"),
+                "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(summary["test"]["top1"])
+    assert result["loss"] == pytest.approx(summary["test"]["eval_loss"], rel=1e-5)
