@@ -264,15 +264,17 @@ def test_merge_gives_a_plain_model_with_the_trained_outputs(trained, tmp_path, c
 
 
 def test_lora_merge_matches_peft_and_a_hand_computation():
-    """Our merge against PEFT's merge_and_unload on the same (perturbed) factors, and one layer's
-    LoRA output against x W^T + b + (alpha / r) x A^T B^T computed by hand; r and alpha as options."""
+    """Our merge against PEFT's merge_and_unload on the same (perturbed) factors (Linear and a 16x16
+    Conv2d), the merged plain model against the LoRA model, and one layer's LoRA output against
+    x W^T + b + (alpha / r) x A^T B^T computed by hand; r and alpha as options."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     model = create_model("test_vit", 5, img_size=32).eval()
     state = {n: t.clone() for n, t in model.state_dict().items()}
     roles = classify(model)
-    method = get_method("lora", {"r": 4, "alpha": 12, "targets": ["blocks.*.attn.qkv", "blocks.*.mlp.fc2"]})
+    method = get_method("lora", {"r": 4, "alpha": 12,
+                                 "targets": ["blocks.*.attn.qkv", "blocks.*.mlp.fc2", "patch_embed.proj"]})
     prepared = method.prepare(model, roles)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -291,7 +293,7 @@ def test_lora_merge_matches_peft_and_a_hand_computation():
     # PEFT's own merge of the same factors in a separately built PeftModel.
     twin = create_model("test_vit", 5, img_size=32).eval()
     twin.load_state_dict(state)
-    config = LoraConfig(r=4, lora_alpha=12, target_modules=r".*blocks\.\d+\.(attn\.qkv|mlp\.fc2)")
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=r".*(blocks\.\d+\.(attn\.qkv|mlp\.fc2)|patch_embed\.proj)")
     peft_model = get_peft_model(twin, config)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -305,7 +307,11 @@ def test_lora_merge_matches_peft_and_a_hand_computation():
         torch.testing.assert_close(ours[n], peft_state[n], atol=1e-6, rtol=1e-6)
     changed = {n for n in state if not torch.equal(ours[n], state[n])}
     assert changed == {f"blocks.{i}.{l}.weight" for i in range(DEPTH) for l in ("attn.qkv", "mlp.fc2")} | {
-        "head.weight", "head.bias"}
+        "head.weight", "head.bias", "patch_embed.proj.weight"}  # a 16x16 Conv2d too
+    plain = create_model("test_vit", 5, img_size=32).eval()
+    plain.load_state_dict(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(a_batch()), model(a_batch()), atol=2e-5, rtol=1e-5)
 
 
 def test_ssf_merge_is_exact_on_a_convnext():
