@@ -466,3 +466,13 @@ def test_zero3_run_saves_full_tensors_and_evaluates_the_same(digits, warm_backbo
     result = json.loads(capsys.readouterr().out)
     assert result["top1"] == pytest.approx(summary["test"]["top1"])
     assert result["loss"] == pytest.approx(summary["test"]["eval_loss"], rel=1e-5)
+
+
+def test_ssf_merge_refuses_a_layer_without_bias_in_one_line():
+    model = create_model("test_vit", 5, img_size=32, kwargs={"qkv_bias": False})
+    state = dict(model.state_dict())
+    roles = classify(model)
+    method = get_method("ssf")
+    delta = method.extract(model, method.prepare(model, roles), {})
+    with pytest.raises(MethodError, match=r"^ssf merge: 'blocks\.0\.attn\.qkv' has no 'bias' in the base checkpoint"):
+        method.merge(state, delta, roles.head)
