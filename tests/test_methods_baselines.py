@@ -468,11 +468,41 @@ def test_zero3_run_saves_full_tensors_and_evaluates_the_same(digits, warm_backbo
     assert result["loss"] == pytest.approx(summary["test"]["eval_loss"], rel=1e-5)
 
 
-def test_ssf_merge_refuses_a_layer_without_bias_in_one_line():
-    model = create_model("test_vit", 5, img_size=32, kwargs={"qkv_bias": False})
-    state = dict(model.state_dict())
-    roles = classify(model)
-    method = get_method("ssf")
-    delta = method.extract(model, method.prepare(model, roles), {})
-    with pytest.raises(MethodError, match=r"^ssf merge: 'blocks\.0\.attn\.qkv' has no 'bias' in the base checkpoint"):
+def test_ssf_merge_is_exact_for_layers_without_bias():
+    """A layer without a bias (qkv_bias=False ViT; Swin's patch-merging reduction) gets a scale only,
+    so the merged plain model still equals the wrapped one; a base checkpoint lacking a tensor the
+    delta folds into is refused in one line."""
+    def wrapped(model):
+        state = {n: t.clone() for n, t in model.state_dict().items()}
+        roles = classify(model)
+        method = get_method("ssf")
+        prepared = method.prepare(model, roles)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(("ssf_scale", "ssf_shift")):
+                    p.uniform_(0.5, 1.5) if n.endswith("scale") else p.normal_(0, 0.1)
+        return state, method, method.extract(model, prepared, {}), roles
+
+    torch.manual_seed(0)
+    vit = create_model("test_vit", 5, img_size=32, kwargs={"qkv_bias": False}).eval()
+    state, method, delta, roles = wrapped(vit)
+    assert "blocks.0.attn.qkv.ssf_scale" in delta.whole and "blocks.0.attn.qkv.ssf_shift" not in delta.whole
+    assert "blocks.0.attn.proj.ssf_shift" in delta.whole
+    plain = create_model("test_vit", 5, img_size=32, kwargs={"qkv_bias": False}).eval()
+    plain.load_state_dict(method.merge(state, delta, roles.head))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(a_batch()), vit(a_batch()), atol=1e-5, rtol=1e-5)
+
+    swin = _tiny_swin()
+    state, method, delta, roles = wrapped(swin)
+    assert "layers.1.downsample.reduction.ssf_scale" in delta.whole
+    assert "layers.1.downsample.reduction.ssf_shift" not in delta.whole
+    plain = _tiny_swin()
+    plain.load_state_dict(method.merge(state, delta, roles.head))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(a_batch()), swin(a_batch()), atol=1e-5, rtol=1e-5)
+
+    state, method, delta, roles = wrapped(create_model("test_vit", 5, img_size=32))
+    del state["blocks.0.attn.proj.bias"]
+    with pytest.raises(MethodError, match=r"^ssf merge: 'blocks\.0\.attn\.proj' has no 'bias' in the base checkpoint"):
         method.merge(state, delta, roles.head)

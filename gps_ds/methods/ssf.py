@@ -6,8 +6,9 @@ two vectors are registered on the layer itself (`<layer>.ssf_scale`, `<layer>.ss
 base parameter keeps its name) and applied by a forward hook on that layer. Since the layer before
 is affine in its output channels, merging is exact: W' = gamma * W (row / output channel wise),
 b' = gamma * b + beta; for a norm the same on its affine weight and bias. The merged checkpoint is
-a plain timm state dict (a layer without a bias, or a norm without an affine, cannot hold beta
-and is refused at merge).
+a plain timm state dict. So that every wrapped layer merges, a layer without a bias (Swin's
+patch-merging `reduction`, `qkv_bias=False` ViTs) gets the scale only, and a norm without an affine
+gets neither.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def ssf_channels(module: nn.Module) -> tuple[int, int] | None:
 def _ssf_hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     shape = [1] * output.dim()
     shape[module.ssf_dim] = -1
-    return output * module.ssf_scale.view(shape).to(output.dtype) + module.ssf_shift.view(shape).to(output.dtype)
+    output = output * module.ssf_scale.view(shape).to(output.dtype)
+    shift = getattr(module, SHIFT, None)
+    return output if shift is None else output + shift.view(shape).to(output.dtype)
 
 
 @register_method
@@ -53,19 +56,20 @@ class SSF(WrappingMethod):
 
     def wrap(self, model: nn.Module, roles: ParamRoles) -> list[str]:
         head = head_modules(model, roles)
-        fallback = next(model.parameters())
         names = []
         for mod_name, module in list(model.named_modules()):
             found = ssf_channels(module)
-            if not mod_name or mod_name in head or found is None:
-                continue
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if not mod_name or mod_name in head or found is None or weight is None:
+                continue  # a norm without affine has nothing to fold a scale into
             channels, dim = found
-            like = module.weight if getattr(module, "weight", None) is not None else fallback
-            module.register_parameter(SCALE, new_parameter(torch.ones(channels), like))
-            module.register_parameter(SHIFT, new_parameter(torch.zeros(channels), like))
+            module.register_parameter(SCALE, new_parameter(torch.ones(channels), weight))
+            names.append(f"{mod_name}.{SCALE}")
+            if bias is not None:  # a shift only where the merged layer has a bias to hold it
+                module.register_parameter(SHIFT, new_parameter(torch.zeros(channels), weight))
+                names.append(f"{mod_name}.{SHIFT}")
             module.ssf_dim = dim
             module.register_forward_hook(_ssf_hook)
-            names += [f"{mod_name}.{SCALE}", f"{mod_name}.{SHIFT}"]
         return names
 
     def merge(self, state: Mapping[str, torch.Tensor], delta: Delta, head: list[str]) -> dict[str, torch.Tensor]:
@@ -79,14 +83,13 @@ class SSF(WrappingMethod):
             layer = name[: -len(SCALE) - 1]
             beta = ssf.get(f"{layer}.{SHIFT}")
             w_name, b_name = f"{layer}.weight", f"{layer}.bias"
-            for needed in (w_name, b_name):
+            for needed in (w_name, b_name) if beta is not None else (w_name,):
                 if needed not in out:
                     raise MethodError(f"ssf merge: '{layer}' has no '{needed.rsplit('.', 1)[1]}' in the base "
-                                      f"checkpoint to fold the scale and shift into; evaluate with `gps-ds eval`")
-            if beta is None:
-                raise MethodError(f"ssf merge: the delta has '{name}' but no '{layer}.{SHIFT}'")
-            weight, bias = out[w_name], out[b_name]
-            g = gamma.double().reshape(-1, *([1] * (weight.dim() - 1)))
-            out[w_name] = (weight.double() * g).to(weight.dtype)
-            out[b_name] = (bias.double() * gamma.double() + beta.double()).to(bias.dtype)
+                                      f"checkpoint to fold the scale and shift into")
+            weight = out[w_name]
+            out[w_name] = (weight.double() * gamma.double().reshape(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
+            if b_name in out:
+                bias = out[b_name].double() * gamma.double() + (0.0 if beta is None else beta.double())
+                out[b_name] = bias.to(out[b_name].dtype)
         return out
