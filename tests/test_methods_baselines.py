@@ -506,3 +506,21 @@ def test_ssf_merge_is_exact_for_layers_without_bias():
     del state["blocks.0.attn.proj.bias"]
     with pytest.raises(MethodError, match=r"^ssf merge: 'blocks\.0\.attn\.proj' has no 'bias' in the base checkpoint"):
         method.merge(state, delta, roles.head)
+
+
+@pytest.mark.parametrize("method", ["lora", "vpt-deep"])
+def test_best_delta_is_written_back_for_the_single_test_pass(digits, warm_backbone, tmp_path, capsys, method):
+    """With a validation split the trainer writes the best epoch's delta back into its wrapped model
+    (`load_trained`) for the one test pass; `gps-ds eval` of delta_best gives the same numbers."""
+    cfg = make_cfg(digits, tmp_path / "run", method)
+    cfg.model.checkpoint, cfg.train.lr = str(warm_backbone), LR[method]
+    cfg.data.val, cfg.data.val_split = str(digits), "test"  # a stand-in validation split (450 images)
+    summary = Trainer(cfg, show_progress=False).run()
+    assert summary["select_on"] == "val" and summary["delta"].endswith("delta_best.safetensors")
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    capsys.readouterr()
+    assert run(["eval", "--config", str(cfg_path), "--delta", summary["delta"], "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(summary["test"]["top1"])
+    assert result["loss"] == pytest.approx(summary["test"]["eval_loss"], rel=1e-5)
