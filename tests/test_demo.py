@@ -88,6 +88,9 @@ def test_lr_is_the_grid_best_on_validation(demo_run):
         for lr in GRID[r["method"]]:
             s = json.loads((root / "stage2-digits" / r["method"] / f"lr{lr:g}" / "summary.json").read_text())
             vals.append((s["val"]["top1"], lr))
+        assert r["grid_seconds"] == pytest.approx(sum(
+            json.loads((root / "stage2-digits" / r["method"] / f"lr{lr:g}" / "summary.json").read_text())["seconds"]
+            for lr in GRID[r["method"]]))
         best_val = max(v for v, _ in vals)
         assert r["lr"] == next(lr for v, lr in vals if v == best_val)
         assert [g["lr"] for g in r["grid"]] == list(GRID[r["method"]])
