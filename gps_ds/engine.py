@@ -338,6 +338,7 @@ class Trainer:
         without, the last epoch's evaluation (already on test)."""
         if self.select_on == "last":
             last = self.state.history[-1] if self.state.history else {}
+            self._pictures({"test": self.eval_loader})
             return {k.removeprefix("test_"): v for k, v in last.items() if k.startswith("test_")} or None
         if self.cfg.data.test is None:
             return None
@@ -348,7 +349,17 @@ class Trainer:
                                   split="test")
         test = evaluate_task(self.engine.module, loader, self.task, self.device, self.dtype)
         self.tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, self.state.step)
+        self._pictures({"val": self.eval_loader, "test": loader})
         return test
+
+    def _pictures(self, loaders: dict) -> None:
+        """Tasks that draw their results (segmentation) do so for the selected model."""
+        draw = getattr(self.task, "pictures", None)
+        if draw is None:
+            return
+        paths = [p for split, loader in loaders.items()
+                 for p in draw(self.engine.module, loader, self.out, split, self.device, self.dtype)]
+        self.tracker.log_artifacts(paths, folder="pictures")
 
     # -- outputs -------------------------------------------------------------------------------
     def _finish(self, test: dict[str, float] | None) -> dict[str, Any]:

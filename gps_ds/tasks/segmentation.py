@@ -54,13 +54,24 @@ class SegmentationTask(Task):
         return self.loss_fn(outputs.float(), targets.float())
 
     def eval_losses(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
-        masks = targets[0] if isinstance(targets, (tuple, list)) else targets
-        return self.loss_fn(outputs.float(), masks.float(), reduction="none")
+        from gps_ds.data.seg_transforms import valid_region
+
+        masks, originals = targets
+        region = valid_region(originals, masks.shape[-1], masks.device)  # padding counts nowhere
+        return self.loss_fn(outputs.float(), masks.float(), region=region, reduction="none")
 
     def new_meter(self, device: torch.device) -> Meter:
         from gps_ds.tasks.segmentation_metrics import SegmentationMeter
 
         return _OriginalsMeter(SegmentationMeter(device))
+
+    def pictures(self, model: nn.Module, loader, out_dir, split: str, device: torch.device,
+                 dtype: torch.dtype) -> list:
+        """PNG panels (image, ground truth, prediction, overlay) of the first images of `split`
+        (the paper's Fig. 11); every rank runs the same forwards, rank 0 writes its own images."""
+        from gps_ds.tasks.segmentation_pictures import write_panels
+
+        return write_panels(model, loader, self, out_dir, split, device, dtype, count=self.cfg.pictures)
 
     def format(self, metrics: dict[str, float]) -> str:
         return f"mDice {metrics['mdice']:.4f}, mIoU {metrics['miou']:.4f}, loss {metrics['eval_loss']:.4f}"
