@@ -192,6 +192,9 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
+        from gps_ds.selection.pipeline import candidate_fingerprint
+
+        self.fingerprint = candidate_fingerprint(self.model, self.roles)  # base names: methods may rename layers
         prepared = self.method.prepare(self.model, self.roles, selection, cfg.gps.mode)
         self.prepared: Prepared = prepared
         optimizer = build_optimizer(self.model, cfg.train)
@@ -206,9 +209,6 @@ class Trainer:
             prepared.masked.attach(optimizer, mask_on_backward=not masked_hook)
         # Shapes and counts before ZeRO-3 partitions the parameters (they read as empty after).
         self.counts = self.method.count(self.model, prepared)
-        from gps_ds.selection.pipeline import candidate_fingerprint
-
-        self.fingerprint = candidate_fingerprint(self.model, self.roles)
         self.identity = RunIdentity(world_size=self.world, method=cfg.train.method, mode=prepared.mode or "",
                                     k=cfg.gps.k if self.method.needs_selection else 0,
                                     selection_sha256=selection_sha256(selection), fingerprint=self.fingerprint)
