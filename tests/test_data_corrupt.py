@@ -119,3 +119,34 @@ def test_all_undecodable_fails_clearly(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(NoDataError, match="no decodable sample"):
             list(make_eval_loader(cfg, 0, 1, 2))
+
+
+def test_trainer_logs_the_counts(corrupt, tmp_path):
+    """A training run over the corrupt shards finishes, and the skipped samples of its training and
+    evaluation streams reach the summary and MLflow, split by kind."""
+    from mlflow.tracking import MlflowClient
+
+    from gps_ds.config import validate_config
+    from gps_ds.engine import Trainer
+
+    folder, good = corrupt
+    cfg = validate_config({
+        "model": {"name": "test_vit", "img_size": 16, "num_classes": 3},
+        "data": {"train": folder, "test": folder, "test_split": "train", "recipe": "vtab", "image_size": 16,
+                 "workers": 0, "shuffle_buffer": 4},
+        "train": {"method": "linear", "epochs": 1, "lr": 0.01},
+        "deepspeed": {"train_micro_batch_size_per_gpu": 3},
+        "output": {"dir": str(tmp_path / "run")},
+    })
+    trainer = Trainer(cfg, show_progress=False)
+    summary = trainer.run()
+    counts = summary["data_corrupt"]
+    seen = {k: trainer.train_loader.counter.counts()[k] + trainer.eval_loader.counter.counts()[k]
+            for k in ("bad_shard", "decode", "missing_key")}
+    assert all(v >= 1 for v in seen.values()), seen
+    assert {k: counts[f"data_corrupt_{k}"] for k in seen} == seen
+    assert counts["data_corrupt_total"] == sum(trainer.train_loader.counter.counts().values()) + \
+        sum(trainer.eval_loader.counter.counts().values())
+    assert summary["test"]["count"] == len(good)  # every readable sample evaluated once, the rest skipped
+    history = MlflowClient(summary["tracking_uri"]).get_metric_history(summary["run_id"], "data_corrupt_total")
+    assert history[-1].value == counts["data_corrupt_total"]
