@@ -157,7 +157,8 @@ def pretrain(root: Path, epochs: int, steps_per_epoch: int | None = None) -> Pat
                                        train__optimizer=PRETRAIN["optimizer"],
                                        train__weight_decay=PRETRAIN["weight_decay"],
                                        deepspeed__train_micro_batch_size_per_gpu=PRETRAIN["batch"],
-                                       data__steps_per_epoch=steps_per_epoch))
+                                       data__steps_per_epoch=steps_per_epoch,
+                                       train__eval_every=epochs))  # MNIST test once, at the end
     summary = train(cfg, overwrite=True, show_progress=False)
     print(f"stage 1: MNIST test top-1 {summary['test']['top1']:.2f}% (last epoch) in {summary['seconds']:.0f} s",
           flush=True)
