@@ -273,8 +273,26 @@ def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.Argume
         return 130
 
 
+def _exit(code: int) -> None:
+    """Leave a multi-rank job cleanly: after success every rank meets once more and the process
+    group is torn down before the interpreter exits; after a failure (a peer may be gone) the
+    process ends without running the process group's destructors, whose background threads
+    otherwise abort the exit ('terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if code == 0:
+            dist.barrier()
+            dist.destroy_process_group()
+        else:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(run(argv))
+    _exit(run(argv))
 
 
 def launcher_main(command: str, argv: Sequence[str] | None = None) -> None:
@@ -296,7 +314,7 @@ def launcher_main(command: str, argv: Sequence[str] | None = None) -> None:
             skip = True
             continue
         kept.append(a)
-    sys.exit(run([command, *kept]))
+    _exit(run([command, *kept]))
 
 
 if __name__ == "__main__":

@@ -386,7 +386,7 @@ def test_train_sbatch_two_cpu_ranks(cluster, digits_job, tmp_path):
     out = Path(config["output"]["dir"] + f"-{job}")
     assert (out / "delta_last.safetensors").is_file(), f"{out} holds {sorted(p.name for p in out.glob('*'))}\n{text}"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == "linear" and summary["last_top1"] is not None
+    assert summary["method"] == "linear" and summary["test"]["top1"] is not None
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
 
     from gps_ds.delta import load_delta
