@@ -43,8 +43,7 @@ def evaluate(model: nn.Module, loader, device, dtype: torch.dtype) -> EvalResult
     """Top-1 and mean loss of a classifier (the classification task's metrics)."""
     from gps_ds.tasks.classification import ClassificationTask
 
-    task = ClassificationTask.__new__(ClassificationTask)  # evaluation needs no training criterion
-    m = evaluate_task(model, loader, task, torch.device(device), dtype)
+    m = evaluate_task(model, loader, ClassificationTask(), torch.device(device), dtype)
     return EvalResult(m["top1"], m["eval_loss"], int(m["count"]))
 
 

@@ -32,10 +32,11 @@ class ClassificationTask(Task):
     name = "classification"
     primary_metric = "top1"
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg=None) -> None:
+        """`cfg=None`: evaluation only (plain cross-entropy as training criterion)."""
         from gps_ds.data import transforms  # looked up here so a patched criterion is seen
 
-        self.criterion = transforms.build_train_criterion(cfg.data)
+        self.criterion = transforms.build_train_criterion(cfg.data) if cfg is not None else nn.CrossEntropyLoss()
 
     def task_score_loss(self):
         # A classifier's own loss is cross-entropy through the head (the scoring pass sees plain labels).
