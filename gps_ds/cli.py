@@ -139,6 +139,10 @@ def cmd_demo(args) -> int:
     from gps_ds.demo import run_demo
 
     rows = run_demo(args.out, pretrain_epochs=args.pretrain_epochs, epochs=args.epochs)
+    if not args.no_segmentation:
+        from gps_ds.demo_segmentation import run_segmentation_stage
+
+        run_segmentation_stage(args.out)
     failed = [r["method"] for r in rows if "error" in r]
     if failed:
         print(f"gps-ds demo: {', '.join(failed)} failed (see the table)", file=sys.stderr)
@@ -239,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_EPOCHS)
     p.add_argument("--epochs", type=int, default=FINETUNE_EPOCHS, help="fine-tuning epochs per run")
+    p.add_argument("--no-segmentation", action="store_true", help="skip stage 3 (small SAM on digits-seg)")
     p.set_defaults(func=cmd_demo)
     return parser
 
