@@ -48,6 +48,11 @@ def init_distributed(timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+        # Torn down before the interpreter's own teardown: a gloo process group left to static
+        # destructors sometimes aborts the exit ("terminate called without an active exception").
+        import atexit
+
+        atexit.register(_destroy_process_group)
         if backend == "gloo":  # `deepspeed --num_gpus 1` creates a segment too
             release_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
@@ -58,6 +63,11 @@ def accelerator_device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     return torch.device(get_accelerator().current_device_name())
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shm_workspace_path(rank: int) -> Path:
