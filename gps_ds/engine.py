@@ -407,11 +407,13 @@ class Trainer:
             save_delta(self.out / name, delta)
 
     def _load_trained(self, path: Path) -> None:
-        """Write a delta of this run back into the engine's model (rank 0 reads; ZeRO-3 scatters)."""
+        """Write a delta of this run back into the engine's model (ZeRO-3: rank 0 reads and the gather
+        scatters; otherwise every rank reads it)."""
         module = self.engine.module
         params = [q for q in module.parameters() if q.requires_grad]
+        partitioned = any(hasattr(q, "ds_id") for q in params)
         with _gathered(params, modifier_rank=0):
-            if self.rank == 0:
+            if self.rank == 0 or not partitioned:  # replicated weights: every rank loads its own copy
                 self.method.load_trained(module, self.prepared, load_delta(path))
 
     def _write_run_files(self) -> None:

@@ -44,6 +44,11 @@ def test_zero2_two_ranks_learn(seg_shards, warm_sam, tmp_path):  # noqa: F811
     assert summary["val"]["mdice"] > before["mdice"] + 0.1, (before, summary["val"])
     assert summary["val"]["eval_loss"] < before["eval_loss"]
     assert summary["test"]["count"] == 32  # every test image once over the two ranks
+    # The test pass ran with the best delta on both ranks: one process evaluating that delta agrees.
+    from gps_ds.evaluation import evaluate_delta
+
+    single = evaluate_delta(validate_config(raw), str(tmp_path / "run" / "delta_best.safetensors"))
+    assert single["mdice"] == pytest.approx(summary["test"]["mdice"], abs=1e-6)
     assert (tmp_path / "run" / "pictures" / "test_00.png").is_file()
 
 
