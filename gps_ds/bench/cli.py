@@ -12,9 +12,10 @@ def _emit(text: str) -> None:
 
 
 def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from gps_ds.bench.train import METHODS
+    from gps_ds.bench.train import DEFAULT_METHODS, METHODS
 
-    parser.add_argument("--model", required=True, help="timm model name (built without weights)")
+    parser.add_argument("--model", required=True,
+                        help="timm model name or sam_vit_b / sam_vit_l / sam_vit_h / sam_small (built without weights)")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--k", type=int, default=1, help="connections kept per neuron for gps-*")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method and round")
@@ -23,20 +24,31 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--separate", action="store_true",
                         help="time each method in its own process (default: all methods in one process, "
                              "taking turns step by step)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {','.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma list of: {','.join(METHODS)} (decoder: SAM only)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute the backbone's blocks in the backward pass (activation checkpointing)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--img-size", type=int, help="model and input size (default: the model's own, input 224)")
+    parser.add_argument("--img-size", type=int,
+                        help="model and input size (default: the model's own; input 224, SAM 1024)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--write", metavar="MD", help="rewrite this run's section of a results file, e.g. docs/BENCHMARKS.md")
     parser.set_defaults(func=run_bench_train)
 
 
 def _methods_flag(methods: list[str]) -> str:
-    from gps_ds.bench.train import METHODS
+    from gps_ds.bench.train import DEFAULT_METHODS
 
-    return "" if list(methods) == list(METHODS) else f" --methods {','.join(methods)}"
+    return "" if list(methods) == list(DEFAULT_METHODS) else f" --methods {','.join(methods)}"
+
+
+def _shape_flags(r: dict) -> str:
+    from gps_ds.bench.train import is_sam
+
+    size = f" --img-size {r['input_size']}" if is_sam(r["model"]) or r["input_size"] != 224 else ""
+    return size + (" --grad-checkpointing" if r.get("grad_checkpointing") else "")
 
 
 def train_section(result: dict) -> tuple[str, str, str]:
@@ -50,15 +62,21 @@ def train_section(result: dict) -> tuple[str, str, str]:
     timing = ("timed in one process, methods taking turns step by step" if r.get("interleave", True)
               else "each method timed in its own process (--separate)")
     body = (f"`gps-ds bench train --model {r['model']} --batch {r['batch']} --k {r['k']} --steps {r['steps']} "
-            f"--rounds {r['rounds']}{_methods_flag(r['methods'])}{'' if r.get('interleave', True) else ' --separate'}` "
+            f"--warmup {r['warmup']} --rounds {r['rounds']}{_shape_flags(r)}{_methods_flag(r['methods'])}{'' if r.get('interleave', True) else ' --separate'}` "
             f"({stamp}; {timing})\n\n"
             f"{machine_lines(r['machine'])}\n* memory: {r['memory_kind']}; trainable state = "
             f"trainable parameters + gradients + AdamW moments\n\n{format_table(r)}\n")
     targets = train_targets(r)
     if targets:
-        body += f"\nTargets (issue #6):\n\n{targets}\n"
-    title = f"Training step: {r['model']}, batch {r['batch']}, K={r['k']} ({device})"
-    return f"train:{r['model']}:b{r['batch']}:k{r['k']}:{device}", title, body
+        body += f"\nTargets (issues #6, #11):\n\n{targets}\n"
+    ckpt = r.get("grad_checkpointing")
+    shape = f", {r['input_size']} px" if r["input_size"] != 224 else ""
+    title = (f"Training step: {r['model']}{shape}, batch {r['batch']}, K={r['k']}"
+             f"{', activation checkpointing' if ckpt else ''} ({device})")
+    key = f"train:{r['model']}:b{r['batch']}:k{r['k']}:{device}"
+    if r["input_size"] != 224:
+        key += f":px{r['input_size']}"
+    return key + (":ckpt" if ckpt else ""), title, body
 
 
 def run_bench_train(args: argparse.Namespace) -> int:
@@ -69,7 +87,8 @@ def run_bench_train(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     result = bench_train(args.model, args.batch, args.k, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          methods=methods, threads=args.threads, device=args.device, num_classes=args.num_classes,
-                         img_size=args.img_size, interleave=not args.separate)
+                         img_size=args.img_size, interleave=not args.separate,
+                         grad_checkpointing=args.grad_checkpointing)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if args.write:
         write_section(args.write, *train_section(result))

@@ -34,10 +34,18 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+SAM_MODELS = ("sam_vit_b", "sam_vit_l", "sam_vit_h")
+SAM_FROZEN_BOUND_SLACK = 1.05  # issue #11: gps-sparse peak within 5% of the frozen-weights bound
+
+
 def train_targets(result: dict[str, Any]) -> str:
     """A markdown table of the targets that apply to this `bench train` result ('' if none)."""
     res = result["results"]
     rows = []
+    if result["model"] in SAM_MODELS and "gps-sparse" in res and "bitfit" in res:
+        ratio = res["gps-sparse"]["peak_bytes"] / res["bitfit"]["peak_bytes"]
+        rows.append((f"gps-sparse peak memory <= {SAM_FROZEN_BOUND_SLACK:g}x the frozen-weights bound (bitfit: "
+                     "encoder biases + decoder)", f"{ratio:.3f}x", _verdict(ratio, SAM_FROZEN_BOUND_SLACK)))
     for method, key, limit in TRAIN_TARGETS.get((result["model"], result["batch"], result["k"]), []):
         if method in res and res[method]["ratio"][key] is not None:
             ratio = res[method]["ratio"][key]

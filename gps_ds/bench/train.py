@@ -28,6 +28,15 @@ Methods:
   gps-sparse  GPS, random K per row, sparse modules (apply_sparse)
   frozen      nothing trainable; the input requires grad so the backward still runs through
               every layer (a lower bound for any method that trains something in the first layer)
+  decoder     SAM only: the mask decoder (SAM's "linear probing")
+
+SAM models (`sam_vit_b`, `sam_vit_l`, `sam_vit_h`, `sam_small`; segment-anything's modules, no
+weights) take random images at `--img-size` (default the model's 1024) and a fixed disc-shaped
+target mask; the loss is the recipe's BCE + soft IoU on the full-resolution logits. For SAM,
+`bitfit` (encoder biases + mask decoder + no-mask embedding, no encoder weight) is the frozen-weights
+lower bound of any method that back-propagates through the encoder. `--grad-checkpointing`
+recomputes every backbone block in the backward pass (timm's `set_grad_checkpointing`, SAM's
+image-encoder blocks).
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-METHODS = ("full", "linear", "bitfit", "lora", "gps-masked", "gps-sparse", "frozen")
+METHODS = ("full", "linear", "bitfit", "lora", "gps-masked", "gps-sparse", "frozen", "decoder")
+DEFAULT_METHODS = METHODS[:-1]  # decoder is SAM's
 LORA_TARGETS = r"^(?!patch_embed).*\.(qkv|proj|fc1|fc2)$"
 ADAM_COPIES = 4  # parameter + gradient + two Adam moments
 
@@ -60,7 +70,7 @@ def _prepare(model, method: str, k: int, seed: int):
     from gps_ds.rules import classify
 
     roles = classify(model)
-    if method in ("full", "linear", "bitfit"):
+    if method in ("full", "linear", "bitfit", "decoder"):
         prepare_model(model, roles, method)
         return None, 0
     if method == "frozen":
@@ -129,30 +139,47 @@ def _build(spec: dict[str, Any], method: str) -> dict[str, Any]:
 
     device = torch.device(spec.get("device", "cpu"))
     torch.manual_seed(spec.get("seed", 0))
-    model = create_model(spec["model"], spec.get("num_classes", 1000), img_size=spec.get("img_size"))
+    model = create_model(spec["model"], spec.get("num_classes", 1000), img_size=spec.get("img_size"),
+                         grad_checkpointing=bool(spec.get("grad_checkpointing")))
     attach, selected = _prepare(model, method, int(spec.get("k", 1)), spec.get("seed", 0))
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05) if params else None
     if optimizer is not None and attach is not None:
         attach(optimizer)
-    size = int(spec.get("input_size") or 224)
+    segmenter = is_sam(spec["model"])
+    size = int(model.img_size if segmenter else spec.get("input_size") or 224)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(int(spec["batch"]), 3, size, size, generator=gen).to(device)
-    y = torch.randint(0, spec.get("num_classes", 1000), (int(spec["batch"]),), generator=gen).to(device)
+    batch = int(spec["batch"])
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    if segmenter:
+        from gps_ds.tasks.segmentation_losses import bce_soft_iou_loss as loss_fn
+
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        disc = ((yy - size / 2) ** 2 + (xx - size / 3) ** 2 < (size / 4) ** 2).float()
+        y = disc.expand(batch, 1, size, size).contiguous().to(device)
+    else:
+        loss_fn = F.cross_entropy
+        y = torch.randint(0, spec.get("num_classes", 1000), (batch,), generator=gen).to(device)
     if method == "frozen":
         x.requires_grad_(True)
 
     def step() -> None:
         if x.grad is not None:
             x.grad = None
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)  # keep grads allocated: they are part of the state
 
     return {"step": step, "model": model, "optimizer": optimizer, "params": params, "selected": selected}
+
+
+def is_sam(model: str) -> bool:
+    from gps_ds.models.sam import SAM_MODEL_NAMES
+
+    return model in SAM_MODEL_NAMES
 
 
 def _timed(step, cuda: bool, device) -> tuple[float, float]:
@@ -177,6 +204,8 @@ def _imports(spec: dict[str, Any], methods: Sequence[str]) -> None:
     import timm  # noqa: F401  (imports before the baseline: peak memory counts the model and the steps)
 
     import gps_ds.sparse  # noqa: F401
+    if is_sam(spec["model"]):
+        import segment_anything  # noqa: F401
     if "lora" in methods:
         import peft  # noqa: F401
 
@@ -288,9 +317,10 @@ def _ratio(a, b):
 
 
 def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: int = 2, rounds: int = 1,
-                methods: Sequence[str] = METHODS, threads: int | None = None, device: str = "cpu",
+                methods: Sequence[str] = DEFAULT_METHODS, threads: int | None = None, device: str = "cpu",
                 num_classes: int = 1000, img_size: int | None = None, seed: int = 0,
-                timeout: float | None = None, interleave: bool = True) -> dict[str, Any]:
+                timeout: float | None = None, interleave: bool = True,
+                grad_checkpointing: bool = False) -> dict[str, Any]:
     """Per round: every method in its own process for peak memory and trainable state; then the
     step times, with ``interleave`` all methods in one process taking turns step by step
     (``run_interleaved``), else in each method's own process after its memory phase (order
@@ -305,9 +335,18 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
         raise BenchError("no methods to run")
     if steps < 1 or batch < 1 or rounds < 1 or k < 1:
         raise BenchError("--steps, --batch, --rounds and --k must be >= 1")
+    if "decoder" in methods and not is_sam(model):
+        raise BenchError(f"method 'decoder' is for SAM models (the mask decoder), not '{model}'")
+    if "lora" in methods and is_sam(model):
+        raise BenchError("method 'lora' is not set up for SAM models in this benchmark")
     threads = threads or os.cpu_count() or 1
+    if is_sam(model) and img_size is None:
+        from gps_ds.models.sam import SAM_NATIVE_SIZE, SMALL_SAM_DEFAULT_SIZE
+
+        img_size = SMALL_SAM_DEFAULT_SIZE if model == "sam_small" else SAM_NATIVE_SIZE
     base = dict(model=model, batch=batch, k=k, steps=steps, warmup=warmup, threads=threads, device=device,
-                num_classes=num_classes, img_size=img_size, input_size=img_size or 224, seed=seed)
+                num_classes=num_classes, img_size=img_size, input_size=img_size or 224, seed=seed,
+                grad_checkpointing=grad_checkpointing)
     load_before = machine(device)["load_average"]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     with OtherLoad() as other:
@@ -351,6 +390,7 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
         "benchmark": "train",
         "model": model, "batch": batch, "k": k, "steps": steps, "warmup": warmup, "rounds": rounds,
         "input_size": img_size or 224, "num_classes": num_classes, "interleave": interleave,
+        "grad_checkpointing": grad_checkpointing, "task": "segmentation" if is_sam(model) else "classification",
         "memory_kind": runs[methods[0]][0]["memory_kind"],
         "machine": mach,
         "methods": methods,
