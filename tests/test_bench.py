@@ -174,3 +174,34 @@ def test_targets_say_met_or_by_how_much():
     sel = select_targets({"model": "vit_base_patch16_224", "k": 1, "topk": {"median_s": 0.05},
                           "scoring": {"ratio": 1.2}}).splitlines()
     assert sel[2].endswith("| 0.050 s | met |") and "**missed** by 0.050" in sel[3]
+
+
+def test_bench_train_sam(tmp_path, capsys):
+    """SAM through the same harness: segmentation loss, the decoder method, activation
+    checkpointing, and the section naming size and checkpointing."""
+    from gps_ds.models import create_model
+
+    md = tmp_path / "B.md"
+    assert run(["bench", "train", "--model", "sam_small", "--batch", "1", "--steps", "1", "--warmup", "1",
+                "--threads", "1", "--methods", "full,decoder,gps-sparse", "--grad-checkpointing",
+                "--json", "--write", str(md)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["task"] == "segmentation" and result["grad_checkpointing"] is True
+    assert result["input_size"] == 64  # sam_small's own size
+    model = create_model("sam_small", 1)
+    res = result["results"]
+    assert res["full"]["trainable_params"] == sum(p.numel() for p in model.parameters())
+    # decoder = the mask decoder but the parts the single-mask output never uses (hand-listed)
+    unused = ("iou_prediction_head.", "output_hypernetworks_mlps.1.", "output_hypernetworks_mlps.2.",
+              "output_hypernetworks_mlps.3.")
+    decoder = sum(p.numel() for n, p in model.mask_decoder.named_parameters() if not n.startswith(unused))
+    assert res["decoder"]["trainable_params"] == decoder
+    assert decoder < res["gps-sparse"]["trainable_params"] < res["full"]["trainable_params"]
+    text = md.read_text()
+    assert "<!-- bench:train:sam_small:b1:k1:cpu:px64:ckpt -->" in text
+    assert "--img-size 64 --grad-checkpointing --methods full,decoder,gps-sparse" in text
+
+
+def test_decoder_method_is_for_sam_only(capsys):
+    assert run(["bench", "train", *ARGS, "--methods", "full,decoder"]) == 2
+    assert "method 'decoder' is for SAM models" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def train_section(result: dict) -> tuple[str, str, str]:
     """(key, title, markdown body) of a `bench train` result's section in docs/BENCHMARKS.md."""
     from gps_ds.bench.report import machine_lines
     from gps_ds.bench.targets import train_targets
-    from gps_ds.bench.train import format_table
+    from gps_ds.bench.train import format_table, is_sam
 
     r, device = result, result["machine"]["device"]
     stamp = r.get("finished") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -74,7 +74,7 @@ def train_section(result: dict) -> tuple[str, str, str]:
     title = (f"Training step: {r['model']}{shape}, batch {r['batch']}, K={r['k']}"
              f"{', activation checkpointing' if ckpt else ''} ({device})")
     key = f"train:{r['model']}:b{r['batch']}:k{r['k']}:{device}"
-    if r["input_size"] != 224:
+    if is_sam(r["model"]):
         key += f":px{r['input_size']}"
     return key + (":ckpt" if ckpt else ""), title, body
 
