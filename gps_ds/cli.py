@@ -245,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=FINETUNE_EPOCHS, help="fine-tuning epochs per run")
     p.add_argument("--no-segmentation", action="store_true", help="skip stage 3 (small SAM on digits-seg)")
     p.set_defaults(func=cmd_demo)
+
+    from gps_ds.analysis.cli import add_analyze_subcommands
+    from gps_ds.multitask import add_serve_arguments
+
+    p = sub.add_parser("analyze", help="what GPS selects: counts vs K, per-block distribution, task overlap, t-SNE")
+    add_analyze_subcommands(p.add_subparsers(dest="analysis", required=True))
+    add_serve_arguments(sub.add_parser("serve-tasks", help="several task deltas on one backbone: switch tasks in "
+                                                          "place and classify image files"))
     return parser
 
 
@@ -260,6 +268,9 @@ def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.Argume
     global _RESULT_STREAM
     args = parser_factory().parse_args(argv)
     _RESULT_STREAM = sys.stdout
+    from gps_ds.testing.device_guard import enable_from_env
+
+    enable_from_env()  # GPS_DS_DEVICE_GUARD=1: CPU-only tests of device placement (docs/distributed.md)
     try:
         if getattr(args, "noisy", False):
             with contextlib.redirect_stdout(sys.stderr):
