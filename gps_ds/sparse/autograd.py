@@ -55,6 +55,12 @@ def gathered(*params: Tensor | None) -> Iterator[None]:
             p.partition()
 
 
+def _conv_grad_triton(*args):
+    from .triton_kernels import conv_grad_triton  # imports triton only when the path is taken
+
+    return conv_grad_triton(*args)
+
+
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul in for ``x``, or None outside autocast."""
     if not x.is_floating_point():
@@ -202,7 +208,7 @@ class SparseConv2dFunction(torch.autograd.Function):
                     del gw
             if path != "dense" and path is not None:
                 chunk = S.chunk_elems(g.device, g.element_size())
-                kernel = conv_grad_unfold if path == "unfold" else conv_grad_gather
+                kernel = {"unfold": conv_grad_unfold, "triton": _conv_grad_triton}.get(path, conv_grad_gather)
                 grad_values = kernel(g, x, plan, geo, chunk)
             if grad_x is not None:
                 grad_x = grad_x.to(ctx.x_dtype)

@@ -227,4 +227,8 @@ def sampled_product(
         return sampled_sddmm(g2, x2, idx, valid, table)
     if path == "dense":
         return sampled_dense(g2, x2, idx, valid)
-    raise ValueError(f"unknown sampled-product path {path!r}; use 'gather', 'fused', 'sddmm' or 'dense'")
+    if path == "triton":
+        from .triton_kernels import sampled_triton
+
+        return sampled_triton(g2, x2, idx, valid)
+    raise ValueError(f"unknown sampled-product path {path!r}; use 'gather', 'fused', 'sddmm', 'dense' or 'triton'")

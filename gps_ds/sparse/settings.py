@@ -1,7 +1,8 @@
 """Kernel-path settings and the shape rules that pick a path when set to "auto".
 
 The rules were measured on CPU (torch 2.14, 2 shared cores); see docs/sparse-kernels.md
-for the numbers. CUDA rules are estimates from bandwidth/FLOP ratios (not measured yet).
+for the numbers. The CUDA rules are a table (``CUDA_LINEAR_RULES``) estimated without a GPU;
+`gps-ds bench kernels --device cuda` measures every path and says where the table disagrees.
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ import torch
 
 LINEAR_GRAD_PATHS = ("gather", "fused", "sddmm", "dense")
 CONV_GRAD_PATHS = ("gather", "unfold", "dense")
+# Accepted for both gradients but kept out of the tuples above (which the CPU tests sweep):
+# the Triton kernel runs on CUDA, on CPU only under TRITON_INTERPRET=1 (tests/test_triton_kernels.py).
+TRITON_PATH = "triton"
+
+# CUDA rule table for the selected-entry gradient: the first row whose dtype kind and K bound
+# match decides; "triton" (gps_ds/sparse/triton_kernels.py) becomes "gather" where Triton cannot
+# run. Past the table, a cost estimate picks the sampled path while a gathered element costs
+# less than CUDA_DENSE_RATIO dense multiply-adds, else the dense product. NOT MEASURED (no GPU
+# was lent when it was written): K <= 10 never forms a dense weight gradient (issue 12); replace
+# the rows by what `gps-ds bench kernels --device cuda` measures (docs/sparse-kernels.md).
+CUDA_LINEAR_RULES: tuple[tuple[str, int, str], ...] = (
+    ("half", 10, "triton"),  # bf16 / fp16
+    ("fp32", 10, "triton"),
+    ("fp64", 10, "gather"),  # the Triton kernel accumulates in fp32
+)
+CUDA_DENSE_RATIO = {"half": 400, "fp32": 100, "fp64": 100}
 WEIGHT_PATHS = ("merge", "add")
 
 
@@ -27,6 +44,8 @@ class KernelSettings:
     linear_grad: "gather" | "fused" | "sddmm" | "dense" for the selected-entry gradient of
     Linear ("fused": the C kernel of ``native``, CPU float32/float64; elsewhere it runs "gather").
     conv_grad: "gather" | "unfold" | "dense" for Conv2d.
+    "triton" (both): the Triton kernel of ``triton_kernels`` (CUDA; CPU only under
+    TRITON_INTERPRET=1), over the unfolded patches for Conv2d.
     chunk_bytes: memory bound of one gathered temporary (None: per-device default).
     compact_ratio: save only the selected input columns of a Linear for backward when
     there are at most compact_ratio * in_features distinct ones (0 disables).
@@ -48,8 +67,8 @@ SETTINGS = KernelSettings()
 _CHOICES = {
     "forward": WEIGHT_PATHS,
     "input_grad": WEIGHT_PATHS,
-    "linear_grad": LINEAR_GRAD_PATHS,
-    "conv_grad": CONV_GRAD_PATHS,
+    "linear_grad": (*LINEAR_GRAD_PATHS, TRITON_PATH),
+    "conv_grad": (*CONV_GRAD_PATHS, TRITON_PATH),
 }
 
 
@@ -114,10 +133,7 @@ def choose_linear_grad(
     work = positions * rows * k
     dense = positions * rows * cols
     if device.type != "cpu":
-        # Not measured (no GPU was available): a gathered element is taken to cost ~100
-        # fp32 (~400 half-precision) matmul multiply-adds.
-        ratio = 100 if dtype in (torch.float32, torch.float64) else 400
-        return "gather" if work * ratio < dense else "dense"
+        return cuda_linear_grad(positions, rows, k, cols, dtype, device)
     # CPU cost model in ns, fitted on one thread (torch 2.14, docs/sparse-kernels.md).
     # gather: ~0.8 per gathered element plus one pass over the saved input rows;
     # fused (one C pass, no temporary): ~0.35 per element plus ~0.5 per saved input element;
@@ -148,6 +164,50 @@ def choose_linear_grad(
     return min(cost, key=cost.get)
 
 
+def dtype_kind(dtype: torch.dtype) -> str:
+    return {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "half")
+
+
+def _triton_or_gather(device: torch.device) -> str:
+    from . import triton_kernels
+
+    return "triton" if triton_kernels.available(device) else "gather"
+
+
+def cuda_table_path(k: int, dtype: torch.dtype) -> str | None:
+    """The CUDA_LINEAR_RULES path for (K, dtype), or None past the table."""
+    kind = dtype_kind(dtype)
+    for row_kind, max_k, path in CUDA_LINEAR_RULES:
+        if row_kind == kind and k <= max_k:
+            return path
+    return None
+
+
+def cuda_linear_grad(positions: int, rows: int, k: int, cols: int, dtype: torch.dtype,
+                     device: torch.device) -> str:
+    """The CUDA rule: ``CUDA_LINEAR_RULES`` first, then the sampled/dense cost estimate."""
+    path = cuda_table_path(k, dtype)
+    if path is None:
+        kind = dtype_kind(dtype)
+        path = "triton" if kind != "fp64" else "gather"
+        if positions * rows * k * CUDA_DENSE_RATIO[kind] >= positions * rows * cols:
+            path = "dense"
+    return _triton_or_gather(device) if path == "triton" else path
+
+
+def cuda_conv_grad(k: int, groups: int, work: int, macs: int, dtype: torch.dtype, device: torch.device) -> str:
+    """CUDA conv rule (not measured): within the table's K, Triton over unfolded patches for
+    ungrouped convolutions (patch embeddings: the patch matrix is the input itself) and the
+    direct gather for grouped / depthwise ones (unfolding a 7x7 depthwise input is 49x its size);
+    past it, the cost estimate of ``cuda_linear_grad``."""
+    path = cuda_table_path(k, dtype)
+    if path is not None:
+        if path == "triton" and groups != 1:
+            return "gather"
+        return _triton_or_gather(device) if path == "triton" else path
+    return "gather" if work * CUDA_DENSE_RATIO[dtype_kind(dtype)] < macs else "dense"
+
+
 def choose_conv_grad(
     batch: int,
     in_channels: int,
@@ -166,7 +226,7 @@ def choose_conv_grad(
     work = batch * out_pixels * rows * k
     macs = batch * out_pixels * rows * fan_in
     if device.type != "cpu":
-        return "gather" if work * 100 < macs else "dense"  # not measured, see choose_linear_grad
+        return cuda_conv_grad(k, groups, work, macs, dtype, device)
     # CPU cost model in ns (one thread). The dense weight gradient of grouped / depthwise
     # convolutions is ~25x slower per multiply-add than the dense one on CPU.
     cost = {
