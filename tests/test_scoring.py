@@ -40,8 +40,14 @@ def test_max_batches_empty_and_nan():
     assert res.batches == 2
     with pytest.raises(ScoringError, match="empty"):
         accumulate_scores(model, [], make_score_loss("ce"), ["0.weight"])
-    with pytest.raises(ScoringError, match="nan at batch 0"):
+    with pytest.raises(ScoringError, match="not finite at batch 0"):
         accumulate_scores(model, [(torch.full((2, 6), float("nan")), torch.tensor([0, 1]))], make_score_loss("ce"), ["0.weight"])
+    # The first non-finite batch is named (found on the device, read once at the end), not a later one.
+    batches = _batches(5)
+    batches[2] = (torch.full((4, 6), float("inf")), batches[2][1])
+    batches[4] = (torch.full((4, 6), float("nan")), batches[4][1])
+    with pytest.raises(ScoringError, match="not finite at batch 2$"):
+        accumulate_scores(model, batches, make_score_loss("ce"), ["0.weight"])
     with pytest.raises(ScoringError, match="'nope.weight'"):
         accumulate_scores(model, _batches(), make_score_loss("ce"), ["nope.weight"])
 

@@ -7,7 +7,6 @@ that drop-path/dropout do not make the scores depend on random draws.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -60,14 +59,18 @@ def accumulate_scores(
 
     device, dtype = model_device_dtype(model)
     n_batches = n_samples = 0
+    # Index of the first batch with a non-finite loss, kept on the device and read once at the
+    # end: a per-batch `.item()` would stall an accelerator every batch. A non-finite batch
+    # poisons the sums for good, so finding it at the end loses nothing but the wasted batches.
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
     try:
         for inputs, labels in batches:
             if max_batches is not None and n_batches >= max_batches:
                 break
             inputs, labels = move(inputs, device, dtype), move(labels, device)
             loss = loss_fn(model, inputs, labels)
-            if not math.isfinite(loss.item()):
-                raise ScoringError(f"scoring loss is {loss.item()} at batch {n_batches}")
+            bad_here = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+            first_bad = torch.where(bad_here, torch.full_like(first_bad, n_batches), first_bad)
             loss.backward()
             n_batches += 1
             n_samples += _batch_size(labels)
@@ -75,6 +78,9 @@ def accumulate_scores(
                 progress.update(1)
         if n_batches == 0:
             raise ScoringError("the scoring pass saw no batches: the training data is empty")
+        bad = int(first_bad)
+        if bad >= 0:
+            raise ScoringError(f"scoring loss is not finite at batch {bad}")
         scores = {}
         for n in candidates:
             grad = params[n].grad
