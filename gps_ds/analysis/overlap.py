@@ -70,7 +70,7 @@ def compute_overlap(selections: Mapping[str, Mapping[str, torch.Tensor]],
         shapes = {tuple(i.shape[:1]) for i in idxs if i is not None}
         if len(shapes) > 1:
             raise ValueError(f"selections disagree on the rows of '{name}': {sorted(shapes)}")
-        width = (fan_in or {}).get(name) or 1 + max(int(i.max()) for i in idxs if i is not None and i.numel())
+        width = (fan_in or {}).get(name) or 1 + max([int(i.max()) for i in idxs if i is not None and i.numel()] + [0])
         codes = [entry_codes(i, width) if i is not None else torch.zeros(0, dtype=torch.long) for i in idxs]
         regions = region_counts(codes)
         total += regions
