@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_subcommands(p.add_subparsers(dest="analysis", required=True))
     add_serve_arguments(sub.add_parser("serve-tasks", help="several task deltas on one backbone: switch tasks in "
                                                           "place and classify image files"))
+    from gps_ds.fewshot_curves import add_fewshot_arguments
+
+    add_fewshot_arguments(sub.add_parser("fewshot", help="accuracy vs k samples per class over seeds, per method "
+                                                         "(Fig. 10), resumable"))
     return parser
 
 
