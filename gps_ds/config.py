@@ -73,6 +73,10 @@ class TrainConfig(_Section):
     epochs: int = Field(10, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0.0)
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="peak lr = lr x (global batch / lr_base_batch) (linear) or its square root (sqrt); "
+                            "global batch = micro batch x gradient accumulation x ranks; none: lr as given")
+    lr_base_batch: int = Field(256, gt=0, description="the global batch at which train.lr is given (lr_scaling)")
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.9, ge=0.0)
     warmup_epochs: float = Field(0.0, ge=0.0)

@@ -26,7 +26,7 @@ from gps_ds.delta import Delta, load_delta, save_delta
 from gps_ds.evaluation import TrainingError, evaluate_task
 from gps_ds.methods import Prepared, get_method
 from gps_ds.monitor import StepMonitor, Window
-from gps_ds.optim import build_optimizer, build_scheduler
+from gps_ds.optim import build_optimizer, build_scheduler, scaled_lr
 from gps_ds.rules import ParamRoles, classify
 from gps_ds.seeding import seed_everything
 from gps_ds.tasks import Task, build_task
@@ -197,7 +197,12 @@ class Trainer:
         self.fingerprint = candidate_fingerprint(self.model, self.roles)  # base names: methods may rename layers
         prepared = self.method.prepare(self.model, self.roles, selection, cfg.gps.mode)
         self.prepared: Prepared = prepared
-        optimizer = build_optimizer(self.model, cfg.train)
+        global_batch = self.micro_batch * int(self.ds_config["gradient_accumulation_steps"]) * self.world
+        optimizer = build_optimizer(self.model, cfg.train, global_batch)
+        if cfg.train.lr_scaling != "none" and self.rank == 0:
+            print(f"gps-ds train: peak lr {scaled_lr(cfg.train, global_batch):.4g} = train.lr {cfg.train.lr:g} scaled "
+                  f"{cfg.train.lr_scaling} by global batch {global_batch} / train.lr_base_batch "
+                  f"{cfg.train.lr_base_batch}", file=sys.stderr)
         masked_hook = False
         if prepared.masked is not None:
             from gps_ds.sparse.zero_hook import check_masked_supported, masked_needs_engine_hook

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 
-def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.Optimizer:
-    """Adam / AdamW / SGD over the trainable parameters. Weight decay applies to tensors of two or
-    more dimensions (weights and GPS value tensors), not to biases, norms or layer scales."""
+def scaled_lr(train_cfg, global_batch: int | None) -> float:
+    """The peak learning rate for ``global_batch`` samples per optimizer step under
+    ``train.lr_scaling``: ``lr x (global_batch / lr_base_batch)`` (linear), its square root
+    (sqrt), or ``lr`` itself (none). Warm-up start and minimum lr are absolute, never scaled."""
+    rule = getattr(train_cfg, "lr_scaling", "none")
+    if rule == "none":
+        return train_cfg.lr
+    if global_batch is None or global_batch < 1:
+        raise ValueError(f"train.lr_scaling={rule} needs the global batch size, got {global_batch!r}")
+    ratio = global_batch / train_cfg.lr_base_batch
+    return train_cfg.lr * (ratio if rule == "linear" else math.sqrt(ratio))
+
+
+def build_optimizer(model: nn.Module, train_cfg, global_batch: int | None = None) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD over the trainable parameters, at :func:`scaled_lr` for
+    ``global_batch``. Weight decay applies to tensors of two or more dimensions (weights and GPS
+    value tensors), not to biases, norms or layer scales."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -19,12 +35,13 @@ def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": train_cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ) if g["params"]]
+    lr = scaled_lr(train_cfg, global_batch)
     if train_cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=train_cfg.lr)
+        return torch.optim.Adam(groups, lr=lr)
     if train_cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=train_cfg.lr)
+        return torch.optim.AdamW(groups, lr=lr)
     if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=train_cfg.momentum)
     raise ValueError(f"unknown train.optimizer '{train_cfg.optimizer}'")
 
 

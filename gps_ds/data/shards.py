@@ -2,20 +2,29 @@
 
 A spec is a folder written by ``gps-ds shards`` (its ``_info.json`` lists every split's
 shards and their sample counts), or webdataset URLs — a local path, a brace pattern,
-``a::b``, ``pipe:CMD``, ``http(s)://...`` — or a list of those. Counts come from the
-``_info.json`` beside local shards when there is one; otherwise they are counted by
-reading the shards (only needed for exactly-once evaluation).
+``a::b``, ``pipe:CMD``, ``http(s)://...`` — or a list of those.
+
+Counts come from the manifest, the ``_info.json`` that ``gps-ds shards`` writes beside the
+shards: read from the folder for local shards, fetched once per folder URL for remote ones
+(``http(s)://host/dir/train-{0..9}.tar`` -> ``http(s)://host/dir/_info.json``). Shards
+without one (``pipe:`` URLs, shards written by other tools) are counted by reading them,
+each shard once overall: under ``torch.distributed`` every rank counts its share and one
+all-reduce gives every rank the same exact counts (see :meth:`ShardSet.with_counts`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import torch
+from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
@@ -48,9 +57,49 @@ class ShardSet:
         return None if any(c is None for c in self.counts) else sum(self.counts)
 
     def with_counts(self, handler: Optional[Callable[[BaseException], bool]] = None) -> "ShardSet":
-        """A copy where every unknown count has been found by reading its shard."""
-        counts = [c if c is not None else count_samples(u, handler) for u, c in zip(self.urls, self.counts)]
+        """A copy where every unknown count has been found by reading its shard.
+
+        Each such shard is read once overall: in a process group of W ranks, rank r reads
+        unknown shards r, r + W, ... and an all-reduce (sum) on the accelerator device hands
+        every rank the same exact counts. Collective when some count is unknown: every rank of
+        the group must call it (as the loaders do); a world of one reads them all itself.
+        """
+        unknown = [i for i, c in enumerate(self.counts) if c is None]
+        if not unknown:
+            return ShardSet(list(self.urls), list(self.counts), self.info)
+        rank, world = _group()
+        if rank == 0:
+            where = sorted({os.path.dirname(self.urls[i]) or "." for i in unknown})
+            print(f"gps-ds data: no {INFO_NAME} gives the sample counts of {len(unknown)} shard(s) in "
+                  f"{', '.join(where[:3])}{' ...' if len(where) > 3 else ''}: counting them by reading each "
+                  f"shard once, split over {world} rank(s); shards written by 'gps-ds shards' carry the "
+                  f"counts in {INFO_NAME}", file=sys.stderr)
+        found = [0] * len(unknown)
+        for j in range(rank, len(unknown), world):
+            found[j] = count_samples(self.urls[unknown[j]], handler)
+        if world > 1:
+            found = _all_reduce_counts(found)
+        counts = list(self.counts)
+        for j, i in enumerate(unknown):
+            counts[i] = found[j]
         return ShardSet(list(self.urls), counts, self.info)
+
+
+def _group() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_counts(values: list[int]) -> list[int]:
+    from gps_ds.distributed import accelerator_device, all_reduce_
+
+    # On the accelerator (NCCL refuses host tensors). A gloo group that DeepSpeed never set up
+    # (plain torch.distributed) can only mean the CPU: skip DeepSpeed's slow import there.
+    gloo_only = torch.distributed.get_backend() == "gloo" and "deepspeed" not in sys.modules
+    device = torch.device("cpu") if gloo_only else accelerator_device()
+    return [int(v) for v in all_reduce_(torch.tensor(values, dtype=torch.int64, device=device)).tolist()]
 
 
 def count_samples(url: str, handler: Optional[Callable[[BaseException], bool]] = None) -> int:
@@ -94,14 +143,45 @@ def _from_folder(folder: Path, splits: Sequence[str]) -> ShardSet:
     return ShardSet(urls, counts, info)
 
 
+def _manifest_url(url: str) -> Optional[str]:
+    """Where the manifest of a remote shard would be; None for ``pipe:`` (no folder to look in)."""
+    if url.startswith("pipe:") or "/" not in url.split("://", 1)[-1]:
+        return None
+    return url.rsplit("/", 1)[0] + "/" + INFO_NAME
+
+
+@functools.lru_cache(maxsize=64)
+def _fetch_manifest(url: str) -> Optional[dict[str, Any]]:
+    """A remote ``_info.json`` (one small read per process and folder), or None when there is
+    none or it cannot be read."""
+    try:
+        with gopen(url, "rb") as stream:
+            info = json.loads(stream.read())
+        _shard_table(info)  # well-formed?
+        return info
+    except Exception:  # noqa: BLE001 - no manifest (404, no route, not JSON): the shards get counted
+        return None
+
+
+def _shard_table(info: dict[str, Any]) -> dict[str, int]:
+    """``{shard file name: samples}`` over every split of a manifest."""
+    return {s["name"]: int(s["samples"]) for sp in info.get("splits", {}).values() for s in sp["shards"]}
+
+
 def _from_urls(spec: str) -> ShardSet:
     urls = expand_urls(spec)
     counts: list[Optional[int]] = []
-    infos: dict[str, Optional[dict[str, int]]] = {}
+    infos: dict[Optional[str], Optional[dict[str, int]]] = {}  # folder or manifest URL -> counts
     first_info = None
     for url in urls:
         if not is_local(url):
-            counts.append(None)
+            manifest = _manifest_url(url)
+            if manifest not in infos:
+                info = _fetch_manifest(manifest) if manifest else None
+                first_info = first_info or info
+                infos[manifest] = _shard_table(info) if info else None
+            table = infos[manifest]
+            counts.append(table.get(url.rsplit("/", 1)[-1]) if table else None)
             continue
         if not os.path.isfile(url):
             raise FileNotFoundError(f"shard {url} does not exist (from {spec!r})")
@@ -111,8 +191,7 @@ def _from_urls(spec: str) -> ShardSet:
             if os.path.isfile(os.path.join(folder, INFO_NAME)):
                 info = read_info(folder)
                 first_info = first_info or info
-                infos[folder] = {s["name"]: int(s["samples"]) for sp in info.get("splits", {}).values()
-                                 for s in sp["shards"]}
+                infos[folder] = _shard_table(info)
         table = infos[folder]
         counts.append(table.get(os.path.basename(url)) if table else None)
     return ShardSet(urls, counts, first_info)
