@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast test-gpu gpu-check demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
+
+# Only the tests marked `gpu` (sparse kernels against dense on CUDA, fp32 and bf16); they skip without CUDA.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -ra -m gpu
+
+# The whole GPU check (trainer under deepspeed/NCCL, select, eval, kernels, bench): docs/gpu-check.md
+GPU_CHECK_OUT ?= gpu-check
+gpu-check: $(STAMP)
+	PYTHON=$(abspath $(PY)) bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
 
 demo: $(STAMP)
 	$(VENV)/bin/gps-ds demo

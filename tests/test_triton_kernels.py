@@ -25,11 +25,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
-needs_kernel = pytest.mark.skipif(
+_skip = pytest.mark.skipif(
     not (CUDA or INTERPRET),
     reason="needs CUDA, or CPU with TRITON_INTERPRET=1 set before triton's import "
            "(test_interpreter_on_cpu runs these in such a subprocess)",
 )
+
+
+def needs_kernel(test):
+    return pytest.mark.gpu(_skip(test))  # also part of `make test-gpu`
 DTYPES = [torch.float32, torch.bfloat16]
 
 

@@ -35,6 +35,7 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model and input size (default: the model's own; input 224, SAM 1024)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--write", metavar="MD", help="rewrite this run's section of a results file, e.g. docs/BENCHMARKS.md")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], help="forward under autocast in this dtype (fp32 weights)")
     parser.set_defaults(func=run_bench_train)
 
 
@@ -48,7 +49,8 @@ def _shape_flags(r: dict) -> str:
     from gps_ds.bench.train import is_sam
 
     size = f" --img-size {r['input_size']}" if is_sam(r["model"]) or r["input_size"] != 224 else ""
-    return size + (" --grad-checkpointing" if r.get("grad_checkpointing") else "")
+    amp = f" --amp {r['amp']}" if r.get("amp") else ""
+    return size + (" --grad-checkpointing" if r.get("grad_checkpointing") else "") + amp
 
 
 def train_section(result: dict) -> tuple[str, str, str]:
@@ -72,11 +74,11 @@ def train_section(result: dict) -> tuple[str, str, str]:
     ckpt = r.get("grad_checkpointing")
     shape = f", {r['input_size']} px" if r["input_size"] != 224 else ""
     title = (f"Training step: {r['model']}{shape}, batch {r['batch']}, K={r['k']}"
-             f"{', activation checkpointing' if ckpt else ''} ({device})")
+             f"{', activation checkpointing' if ckpt else ''}{', autocast ' + r['amp'] if r.get('amp') else ''} ({device})")
     key = f"train:{r['model']}:b{r['batch']}:k{r['k']}:{device}"
     if is_sam(r["model"]):
         key += f":px{r['input_size']}"
-    return key + (":ckpt" if ckpt else ""), title, body
+    return key + (":ckpt" if ckpt else "") + (f":{r['amp']}" if r.get("amp") else ""), title, body
 
 
 def run_bench_train(args: argparse.Namespace) -> int:
@@ -88,7 +90,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     result = bench_train(args.model, args.batch, args.k, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          methods=methods, threads=args.threads, device=args.device, num_classes=args.num_classes,
                          img_size=args.img_size, interleave=not args.separate,
-                         grad_checkpointing=args.grad_checkpointing)
+                         grad_checkpointing=args.grad_checkpointing, amp=args.amp)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if args.write:
         write_section(args.write, *train_section(result))
@@ -187,4 +189,85 @@ def run_bench_zero(args: argparse.Namespace) -> int:
     else:
         _emit(f"{args.model}, batch {args.batch} per rank, K={args.k}, ZeRO-3 fp32 on CPU")
         _emit(table)
+    return 0
+
+
+def add_bench_trainer_arguments(parser: argparse.ArgumentParser) -> None:
+    from gps_ds.bench.trainer import METHODS
+
+    parser.add_argument("--models", default="vit_base_patch16_224,vit_small_patch16_224",
+                        help="comma list of timm model names (built without weights)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {','.join(METHODS)}")
+    parser.add_argument("--batch", type=int, default=8, help="micro-batch (one process)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
+    parser.add_argument("--log-every", type=int, default=2, help="train.log_every: steps per timed window")
+    parser.add_argument("--rounds", type=int, default=1, help="repetitions, method order rotated")
+    parser.add_argument("--k", type=int, default=1, help="connections kept per neuron (gps-sparse)")
+    parser.add_argument("--workers", type=int, default=1, help="data-loader workers")
+    parser.add_argument("--images", type=int, default=128, help="generated training images")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the trainers (default: torch's)")
+    parser.add_argument("--workdir", help="folder for shards and runs (default: a new temporary folder)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per gps-ds train run")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--write", metavar="MD", help="rewrite this run's section of a results file, e.g. docs/BENCHMARKS.md")
+    parser.set_defaults(func=run_bench_trainer)
+
+
+def run_bench_trainer(args: argparse.Namespace) -> int:
+    import sys
+
+    from gps_ds.bench.report import write_section
+    from gps_ds.bench.trainer import bench_trainer, format_table, goal_line, section
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = bench_trainer(models, methods, batch=args.batch, steps=args.steps, log_every=args.log_every,
+                           rounds=args.rounds, k=args.k, workers=args.workers, images=args.images,
+                           img_size=args.img_size, workdir=args.workdir, timeout=args.timeout, threads=args.threads,
+                           log=lambda s: print(s, file=sys.stderr, flush=True))
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if args.write:
+        command = (f"gps-ds bench trainer --models {','.join(models)} --methods {','.join(methods)} --batch {args.batch} "
+                   f"--steps {args.steps} --log-every {args.log_every} --rounds {args.rounds} --k {args.k} "
+                   f"--workers {args.workers} --images {args.images} --img-size {args.img_size}")
+        write_section(args.write, *section(result, command))
+    if args.json:
+        _emit(json.dumps(result, sort_keys=True))
+    else:
+        _emit(format_table(result))
+        goal = goal_line(result)
+        if goal:
+            _emit(goal)
+    return 0
+
+
+def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", type=int, default=64, help="images; positions = batch x --tokens")
+    parser.add_argument("--tokens", type=int, default=197)
+    parser.add_argument("--ks", default="1,2,4,10,32", help="comma list of K")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--write", metavar="MD", help="rewrite this run's section of a results file")
+    parser.set_defaults(func=run_bench_kernels)
+
+
+def run_bench_kernels(args: argparse.Namespace) -> int:
+    from gps_ds.bench.kernels import bench_kernels, format_table, section
+    from gps_ds.bench.report import write_section
+
+    try:
+        ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--ks: expected a comma list of integers, got '{args.ks}'") from None
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    result = bench_kernels(args.device, batch=args.batch, tokens=args.tokens, ks=ks, dtypes=dtypes, reps=args.reps)
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if args.write:
+        command = (f"gps-ds bench kernels --device {args.device} --batch {args.batch} --tokens {args.tokens} "
+                   f"--ks {args.ks} --dtypes {args.dtypes} --reps {args.reps}")
+        write_section(args.write, *section(result, command))
+    _emit(json.dumps(result, sort_keys=True) if args.json else format_table(result))
     return 0

@@ -164,10 +164,18 @@ def _build(spec: dict[str, Any], method: str) -> dict[str, Any]:
     if method == "frozen":
         x.requires_grad_(True)
 
+    amp = spec.get("amp")
+    if amp not in (None, "bf16", "fp16"):
+        raise BenchError(f"--amp: '{amp}' (expected bf16 or fp16)")
+    cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
     def step() -> None:
         if x.grad is not None:
             x.grad = None
-        loss = loss_fn(model(x), y)
+        # --amp: forward under autocast (fp32 weights and optimizer, like torch AMP)
+        with torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None):
+            out = model(x)
+        loss = loss_fn(out.float(), y)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -320,7 +328,7 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
                 methods: Sequence[str] = DEFAULT_METHODS, threads: int | None = None, device: str = "cpu",
                 num_classes: int = 1000, img_size: int | None = None, seed: int = 0,
                 timeout: float | None = None, interleave: bool = True,
-                grad_checkpointing: bool = False) -> dict[str, Any]:
+                grad_checkpointing: bool = False, amp: str | None = None) -> dict[str, Any]:
     """Per round: every method in its own process for peak memory and trainable state; then the
     step times, with ``interleave`` all methods in one process taking turns step by step
     (``run_interleaved``), else in each method's own process after its memory phase (order
@@ -346,7 +354,7 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
         img_size = SMALL_SAM_DEFAULT_SIZE if model == "sam_small" else SAM_NATIVE_SIZE
     base = dict(model=model, batch=batch, k=k, steps=steps, warmup=warmup, threads=threads, device=device,
                 num_classes=num_classes, img_size=img_size, input_size=img_size or 224, seed=seed,
-                grad_checkpointing=grad_checkpointing)
+                grad_checkpointing=grad_checkpointing, amp=amp)
     load_before = machine(device)["load_average"]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     with OtherLoad() as other:
@@ -389,7 +397,7 @@ def bench_train(model: str, batch: int, k: int = 1, *, steps: int = 5, warmup: i
     return {
         "benchmark": "train",
         "model": model, "batch": batch, "k": k, "steps": steps, "warmup": warmup, "rounds": rounds,
-        "input_size": img_size or 224, "num_classes": num_classes, "interleave": interleave,
+        "input_size": img_size or 224, "num_classes": num_classes, "interleave": interleave, "amp": amp,
         "grad_checkpointing": grad_checkpointing, "task": "segmentation" if is_sam(model) else "classification",
         "memory_kind": runs[methods[0]][0]["memory_kind"],
         "machine": mach,
