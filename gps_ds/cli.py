@@ -235,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_train_arguments(bsub.add_parser("train", help="step time, peak memory, trainable state per method"))
     add_bench_select_arguments(bsub.add_parser("select", help="top-K and scoring-pass cost vs full fine-tuning"))
     add_bench_zero_arguments(bsub.add_parser("zero", help="per-rank memory of sparse training under ZeRO-3"))
+    from gps_ds.bench.cli import add_bench_kernels_arguments, add_bench_trainer_arguments
+
+    add_bench_kernels_arguments(bsub.add_parser("kernels", help="selected-entry gradient paths (dense, gather, "
+                                                                 "triton, ...) per layer shape, dtype and K"))
+
+    add_bench_trainer_arguments(bsub.add_parser("trainer", help="images/s of gps-ds train itself per method "
+                                                                 "(DeepSpeed engine, shards on disk)"))
 
     from gps_ds.demo import FINETUNE_EPOCHS, PRETRAIN_EPOCHS
 
