@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -405,6 +406,7 @@ def test_train_sbatch_two_cpu_ranks(cluster, digits_job, tmp_path):
 # The batch scripts' derivations, run by bash with stand-ins for `scontrol` and `srun` (fast,
 # no Slurm needed; not marked slow).
 STUB_SCONTROL = """#!/usr/bin/env bash
+if [ "$1" = requeue ]; then echo "scontrol requeue $2" >> "${STUB_LOG:?}"; exit 0; fi
 [ "$1 $2" = "show hostnames" ] || exit 1
 echo node07; echo node08
 seq -f "node%05g" 1 20000  # a long list: reading only its first line must not kill the script (SIGPIPE)
@@ -422,10 +424,13 @@ done
 PROBE = "import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)}))"
 
 
-def _run_batch_script(tmp_path: Path, args: list[str], env: dict[str, str], script: Path = SBATCH):
+def _run_batch_script(tmp_path: Path, args: list[str], env: dict[str, str], script: Path = SBATCH,
+                      srun: str = STUB_SRUN, signal_after: float | None = None):
+    """Run a batch script with the stand-ins; `signal_after`: send it USR1 that many seconds
+    after it starts (as `--signal=B:USR1@...` would)."""
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
-    for name, text in (("scontrol", STUB_SCONTROL), ("srun", STUB_SRUN)):
+    for name, text in (("scontrol", STUB_SCONTROL), ("srun", srun)):
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o755)
     # the "interpreter" prints what it was given instead of training
@@ -439,8 +444,16 @@ def _run_batch_script(tmp_path: Path, args: list[str], env: dict[str, str], scri
                 SLURM_JOB_NODELIST="node[07-08]", SLURM_NTASKS="4", SLURM_JOB_NUM_NODES="2",
                 SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="3", **env)
     base.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=base, timeout=60,
-                          cwd=tmp_path)
+    if signal_after is None:
+        proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=base, timeout=60,
+                              cwd=tmp_path)
+    else:
+        with subprocess.Popen(["bash", str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=base, cwd=tmp_path) as p:
+            time.sleep(signal_after)
+            p.send_signal(signal.SIGUSR1)
+            out, err = p.communicate(timeout=60)
+        proc = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return proc, ranks
 
@@ -609,3 +622,68 @@ def test_ci_run_installs_slurm_and_requires_it(tmp_path):
     make.write_text("#!/usr/bin/env bash\nexit 7\n")
     proc = subprocess.run(["bash", str(REPO / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 7
+
+
+def test_network_settings_reach_every_rank_and_the_log(tmp_path):
+    """NCCL_* / GLOO_SOCKET_IFNAME set before sbatch reach each rank unchanged and are listed, with
+    their values, in the job log; a multi-node job without NCCL_SOCKET_IFNAME gets a note."""
+    cfg = _config(tmp_path)
+    settings = {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5_0,mlx5_1", "NCCL_DEBUG": "WARN",
+                "GLOO_SOCKET_IFNAME": "eth0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg)], {**settings, "STUB_LOG": str(tmp_path / "log")})
+    assert proc.returncode == 0, proc.stderr
+    for rank in ranks:
+        assert {k: rank["env"].get(k) for k in settings} == settings
+    line = next(x for x in proc.stdout.splitlines() if "network settings forwarded" in x)
+    assert all(f"{k}={v}" in line for k, v in settings.items()), line
+    assert "NCCL_SOCKET_IFNAME" not in proc.stderr  # set: no note
+    proc, _ = _run_batch_script(tmp_path, [str(cfg)], {"STUB_LOG": str(tmp_path / "log")})
+    assert "network settings forwarded: none" in proc.stdout
+    assert "2 nodes and no NCCL_SOCKET_IFNAME" in proc.stderr, proc.stderr
+
+
+def test_requeued_job_resumes_its_run_and_never_overwrites(tmp_path):
+    """SLURM_RESTART_COUNT > 0: --resume is added once the run exists (run.json), --overwrite is
+    dropped; before the run exists (killed during selection) it simply starts again."""
+    out = tmp_path / "runs" / "r"
+    cfg = _config(tmp_path, {"dir": str(out)})
+    env = {"STUB_LOG": str(tmp_path / "log")}
+    job_dir = Path(f"{out}-123456")
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg), "--overwrite"], env)  # first start: as given
+    assert ranks[0]["argv"][-1] == "--overwrite" and "--resume" not in ranks[0]["argv"]
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg), "--overwrite"], {**env, "SLURM_RESTART_COUNT": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "--resume" not in ranks[0]["argv"] and "--overwrite" not in ranks[0]["argv"], ranks[0]["argv"]
+    assert f"no run in {job_dir} yet, starting it" in proc.stdout
+    job_dir.mkdir(parents=True)
+    (job_dir / "run.json").write_text("{}")
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg), "--overwrite", "--quiet"],
+                                    {**env, "SLURM_RESTART_COUNT": "2"})
+    assert ranks[0]["argv"] == ["launchers/train.py", "--config", str(cfg), "--set", f"output.dir={job_dir}",
+                                "--resume", "--quiet"], ranks[0]["argv"]
+    assert f"restart 2 of job 123456: resuming the run in {job_dir}" in proc.stdout
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg), "--resume"], {**env, "SLURM_RESTART_COUNT": "1"})
+    assert ranks[0]["argv"].count("--resume") == 1
+
+
+def test_usr1_requeues_the_job_and_the_script_keeps_waiting(tmp_path):
+    """The batch script's USR1 trap runs `scontrol requeue <own job id>` while the ranks run; the
+    ranks themselves ignore USR1 (rank_env.sh), and the script ends with srun's own status."""
+    slow_srun = STUB_SRUN.replace('"$@" || exit $?', '"$@" || exit $?\n    sleep 3')
+    cfg = _config(tmp_path)
+    log = tmp_path / "log"
+    proc, ranks = _run_batch_script(tmp_path, [str(cfg)], {"STUB_LOG": str(log)}, srun=slow_srun, signal_after=2)
+    assert proc.returncode == 0, proc.stderr
+    assert len(ranks) == 2, proc.stdout  # the signal did not cut the step short
+    assert log.read_text().splitlines() == ["scontrol requeue 123456"]
+    assert "USR1 (time limit near, or preemption notice): requeueing job 123456" in proc.stdout
+    header = SBATCH.read_text()
+    for option in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+        assert option in header
+    # a rank ignores USR1: the wrapper's trap is inherited across exec
+    wrapper = REPO / "launchers" / "slurm" / "rank_env.sh"
+    code = "import os, signal, time; os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2); print('alive')"
+    rank = subprocess.run(["bash", str(wrapper), sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, env=dict(os.environ, SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0",
+                                               MASTER_ADDR="n1", MASTER_PORT="1"))
+    assert rank.returncode == 0 and rank.stdout.splitlines()[-1] == "alive", rank.stdout + rank.stderr

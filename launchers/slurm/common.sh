@@ -87,6 +87,12 @@ if [ -n "${MLFLOW_EXPERIMENT_NAME:-}" ] && ! gps_user_sets tracking.experiment "
     DERIVED+=(--set "tracking.experiment=$MLFLOW_EXPERIMENT_NAME")
 fi
 mlflow_vars="$(compgen -e | grep '^MLFLOW_' | tr '\n' ' ' || true)"
+# Network settings for NCCL (GPUs) and gloo (CPU ranks): passed through as they are (srun
+# --export=ALL), listed with their values in the log (they hold no secrets).
+net_settings=""
+for v in $(compgen -e | grep -E '^(NCCL_|TORCH_NCCL_|TORCH_DISTRIBUTED_DEBUG$|GLOO_SOCKET_IFNAME$|TP_SOCKET_IFNAME$)' || true); do
+    net_settings+="$v=${!v} "
+done
 
 # srun: every variable of this shell reaches the tasks (MLFLOW_*, MASTER_*, PATH, ...);
 # one failing rank ends the step instead of leaving the others waiting in a collective.
@@ -107,3 +113,8 @@ echo "gps-ds slurm: $(date "+%F %T") job $SLURM_JOB_ID on ${SLURM_JOB_NUM_NODES:
 # (user:password@ in a URI is masked in the log)
 echo "gps-ds slurm: $PYTHON $ENTRY --config $CONFIG ${DERIVED[*]} $*" | sed -E 's#://[^/@ ]+@#://***@#g'
 echo "gps-ds slurm: MLflow variables forwarded: ${mlflow_vars:-none}"
+echo "gps-ds slurm: network settings forwarded: ${net_settings:-none}"
+if [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ] && [ -z "${NCCL_SOCKET_IFNAME:-}" ]; then
+    echo "gps-ds slurm: note: ${SLURM_JOB_NUM_NODES} nodes and no NCCL_SOCKET_IFNAME: NCCL picks the interface" \
+         "itself; if ranks cannot reach each other, export NCCL_SOCKET_IFNAME (and GLOO_SOCKET_IFNAME) before sbatch" >&2
+fi

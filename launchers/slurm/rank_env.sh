@@ -58,6 +58,10 @@ fi
 # One rank per GPU or CPU slot: keep intra-op threads to the CPUs Slurm gave this task.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 
+# USR1 is the batch script's requeue signal (--signal=B:USR1@...); one that reaches a rank
+# anyway (`scancel --signal=USR1` without --batch) must not kill the training.
+trap '' USR1
+
 echo "gps-ds slurm: rank $RANK/$WORLD_SIZE local $LOCAL_RANK/$LOCAL_SIZE node $CROSS_RANK/$CROSS_SIZE" \
      "on $(hostname) master $MASTER_ADDR:$MASTER_PORT"
 exec "$@"
