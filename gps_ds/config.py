@@ -34,6 +34,9 @@ class ModelConfig(_Section):
     grad_checkpointing: bool = Field(False, description="activation checkpointing of the backbone's blocks")
     family: Literal["auto", "vit", "swin", "convnext", "sam", "generic"] = "auto"
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    partitioned_init: Literal["auto", "on", "off"] = Field(
+        "auto", description="ZeRO-3: build inside deepspeed.zero.Init and load each rank's slices of the weights file "
+                            "(auto: when the method and the weights allow it; gps_ds/zero_init.py)")
 
 
 class RuleOverrides(_Section):

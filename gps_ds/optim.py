@@ -28,7 +28,8 @@ def build_optimizer(model: nn.Module, train_cfg, global_batch: int | None = None
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            dims = len(getattr(p, "ds_shape", None) or p.shape)  # ZeRO-3 partitions keep the full shape there
+            (decay if dims >= 2 else no_decay).append(p)
     if not decay and not no_decay:
         raise ValueError("nothing to train: no parameter requires a gradient")
     groups = [g for g in (

@@ -74,8 +74,8 @@ def _resolve(model: nn.Module, selection: Mapping[str, Tensor]) -> list[tuple[st
             raise SelectionError(f"{name}: only the 'weight' of nn.Linear / nn.Conv2d can be selected")
         target = _sparse_class(name, module, parent)
         weight = module.weight
-        _refuse_zero3(name, weight, "call apply_sparse()")
-        idx, valid = check_indices(name, indices, weight.shape[0], weight[0].numel())
+        shape = tuple(getattr(weight, "ds_shape", None) or weight.shape)  # ZeRO-3 partitions: the full shape
+        idx, valid = check_indices(name, indices, shape[0], int(torch.Size(shape[1:]).numel()))
         plan.append((name, module, target, idx, valid))
     return plan
 

@@ -32,6 +32,10 @@ class _SparseWeight:
 
     def _sparsify(self, indices: Tensor, valid: Tensor | None, values_dtype: torch.dtype | None) -> None:
         weight = self.weight
+        if hasattr(weight, "ds_id"):  # ZeRO-3 partitioned: take and zero the entries of this rank's partition
+            values = _take_partitioned(weight, indices, valid).to(values_dtype or weight.dtype)
+            self._register_sparse(weight, values, indices, valid)
+            return
         rows = weight.shape[0]
         with torch.no_grad():
             if not weight.is_contiguous():
@@ -47,6 +51,9 @@ class _SparseWeight:
                 values.masked_fill_(~valid, 0)
                 r = torch.arange(rows, device=flat.device).unsqueeze(1).expand_as(idx)
                 flat[r[valid], idx[valid]] = 0
+        self._register_sparse(weight, values, indices, valid)
+
+    def _register_sparse(self, weight: nn.Parameter, values: Tensor, indices: Tensor, valid: Tensor | None) -> None:
         self._gps_weight_requires_grad = weight.requires_grad
         weight.requires_grad_(False)
         self.gps_values = nn.Parameter(values)
@@ -77,6 +84,35 @@ class _SparseWeight:
     def _sparse_repr(self) -> str:
         padded = ", padded" if self.gps_valid_mask is not None else ""
         return f"k={self.gps_indices.shape[1]}{padded}"
+
+
+def _take_partitioned(weight: nn.Parameter, indices: Tensor, valid: Tensor | None) -> Tensor:
+    """The selected entries (rows, K) of a ZeRO-3 partitioned weight, zeroed in place in every rank's
+    partition; never gathers the weight: each rank fills what it holds and one all-reduce (a
+    collective: every rank calls it for the same weights in the same order) sums the pieces."""
+    import torch.distributed as dist
+
+    shape = tuple(weight.ds_shape)
+    rows, fan_in = shape[0], int(weight.ds_numel) // shape[0]
+    part = weight.ds_tensor.data
+    group = weight.ds_process_group
+    pn = int(weight.partition_numel())
+    start = (dist.get_rank(group=group) if dist.is_initialized() else 0) * pn
+    end = min(start + pn, int(weight.ds_numel))
+    idx = indices.to(part.device)
+    ok = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(part.device)
+    flat = torch.arange(rows, device=part.device).unsqueeze(1) * fan_in + idx.clamp(min=0)
+    mine = ok & (flat >= start) & (flat < end)
+    values = torch.zeros(idx.shape, dtype=torch.float32, device=part.device)
+    with torch.no_grad():
+        local = flat[mine] - start
+        values[mine] = part[local].float()
+        part[local] = 0
+    if dist.is_initialized() and dist.get_world_size(group=group) > 1:
+        comm = values.cuda() if dist.get_backend(group) == "nccl" and values.device.type != "cuda" else values
+        dist.all_reduce(comm, group=group)  # each entry is owned by one rank: a sum of zeros and itself
+        values = comm.to(part.device)
+    return values
 
 
 class SparseLinear(_SparseWeight, nn.Linear):
