@@ -93,6 +93,12 @@ def cmd_eval(args) -> int:
     from gps_ds.evaluation import evaluate_delta
 
     cfg = _load(args)
+    if args.suite:  # ImageNet-A/-R/-C shard folders instead of the config's test data
+        from gps_ds.robustness.cli import format_suite, run_suite
+
+        result = run_suite(args, cfg)
+        emit(json.dumps(result) if args.json else format_suite(result))
+        return 0
     result = evaluate_delta(cfg, args.delta, split=args.split)
     metrics = ", ".join(f"{k} {result[k]:.4g}" for k in ("top1", "mdice", "miou") if k in result)
     emit(json.dumps(result) if args.json else
@@ -208,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", required=True)
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--json", action="store_true")
+    from gps_ds.robustness.cli import add_robustness_shards, add_suite_arguments
+
+    add_suite_arguments(p)
     p.set_defaults(func=cmd_eval, noisy=True)
 
     p = sub.add_parser("delta", help="inspect or merge delta files")
@@ -225,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gps_ds.data.cli import add_bench_data_arguments, add_shards_subcommands
 
     p = sub.add_parser("shards", help="write webdataset shards (ImageNet, VTAB-1k, FGVC, Kvasir-SEG, MNIST, digits)")
-    add_shards_subcommands(p.add_subparsers(dest="kind", required=True))
+    shards_sub = p.add_subparsers(dest="kind", required=True)
+    add_shards_subcommands(shards_sub)
+    add_robustness_shards(shards_sub)  # imagenet-a, imagenet-r, imagenet-c
 
     p = sub.add_parser("bench", help="benchmarks (results go to docs/BENCHMARKS.md)")
     bsub = p.add_subparsers(dest="bench_command", required=True)
