@@ -97,6 +97,10 @@ def _tree_cpu_seconds(proc) -> float:
     return total
 
 
+def train_command(config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "gps_ds.cli", "train", "--config", str(config_path), "--json"]
+
+
 def run_trainer(config: dict[str, Any], workdir: Path, timeout: float, threads: int | None = None) -> dict[str, Any]:
     """One `gps-ds train` subprocess; its log windows with the process tree's CPU time at each."""
     import psutil
@@ -109,7 +113,7 @@ def run_trainer(config: dict[str, Any], workdir: Path, timeout: float, threads: 
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "gps_ds.cli", "train", "--config", str(cfg_path), "--json"]
+    cmd = train_command(cfg_path)
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=workdir)
     ps = psutil.Process(child.pid)
@@ -213,7 +217,8 @@ def bench_trainer(models: Sequence[str], methods: Sequence[str] = METHODS, *, ba
         full = results[model].get("full")
         for method, res in results[model].items():
             res["x_full_images_per_s"] = res["images_per_s"] / full["images_per_s"] if full else None
-            res["x_full_cpu"] = full["cpu_s_per_step"] / res["cpu_s_per_step"] if full else None
+            res["x_full_cpu"] = (full["cpu_s_per_step"] / res["cpu_s_per_step"]
+                                 if full and res["cpu_s_per_step"] > 0 else None)
     mach = machine()
     mach["load_average_before"] = load_before
     mach["load_average_after"] = mach.pop("load_average")
