@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = Path(os.environ.get("GPS_DS_SLURM_SETUP") or REPO / ".ci" / "slurm-setup.sh")  # as in .ci/run
@@ -57,7 +59,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={root}/state
@@ -84,7 +86,7 @@ InactiveLimit=0
 KillWait=5
 MinJobAge=600
 FirstJobId={first_job_id}
-NodeName={node} NodeAddr=127.0.0.1 NodeHostname={node} CPUs=2 RealMemory=1000 State=UNKNOWN
+NodeName={node} NodeAddr=127.0.0.1 NodeHostname={node} CPUs=4 RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=30 State=UP
 """
 
@@ -400,6 +402,101 @@ def test_train_sbatch_two_cpu_ranks(cluster, digits_job, tmp_path):
         statuses = {row[0] for row in db.execute("select status from runs")}
     assert "slurm-test" in names, names
     assert statuses == {"FINISHED"}, statuses
+
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+def _wait_final(cluster: Cluster, job: str, timeout: float) -> dict[str, str]:
+    """Like Cluster.wait, but through requeues (REQUEUED -> PENDING -> RUNNING ...)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fields = cluster._job_fields(job)
+        if fields.get("JobState") in FINAL_STATES:
+            return fields
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job} still {fields.get('JobState')} after {timeout} s")
+        time.sleep(1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S + JOB_TIMEOUT_S)
+def test_usr1_mid_epoch_requeues_and_ends_with_the_uninterrupted_delta(cluster, tmp_path):
+    """Two copies of one 2-rank GPS job side by side: one runs through; the other gets USR1 (what
+    --signal=B:USR1@300 sends before the time limit) once its first mid-epoch checkpoint exists,
+    requeues itself, comes back with --resume and must end with the same delta, bit for bit, as
+    the uninterrupted one (the resumed run winds the epoch's stream forward and restores every
+    rank's random states)."""
+    from safetensors.torch import load_file
+
+    from gps_ds.data.datasets import write_digits
+
+    shards = tmp_path / "shards"
+    write_digits(shards, test_size=0.5, progress=False)
+    config = {
+        "model": {"name": "test_vit", "img_size": 32, "num_classes": 10},
+        "data": {"train": str(shards), "test": str(shards), "recipe": "digits", "image_size": 32, "workers": 0,
+                 "steps_per_epoch": 24},
+        "gps": {"k": 2, "max_batches": 2},
+        "train": {"method": "gps", "epochs": 2, "lr": 0.003, "optimizer": "adamw", "weight_decay": 0.05},
+        "deepspeed": {"train_micro_batch_size_per_gpu": 16},
+        "output": {"checkpoint_every_steps": 3},
+        "tracking": {"enabled": False},
+    }
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    _warm_deepspeed_cpu_op()
+    env = {"PATH": _job_path() + ":/usr/sbin:/sbin", "PYTHON": sys.executable, "GPS_DS_ROOT": str(REPO),
+           "HF_HUB_OFFLINE": "1", "GPS_DS_COLLECTIVE_TIMEOUT": "180"}
+    jobs, outs = {}, {}
+    for name in ("through", "signalled"):
+        config["output"]["dir"] = str(tmp_path / "runs" / name)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(config))
+        jobs[name] = cluster.submit(["--job-name=gpsds-requeue", "--nodes=1", "--ntasks-per-node=2",
+                                     "--cpus-per-task=1", "--time=15", f"--output={log_dir}/%x-%j.out",
+                                     str(SBATCH), str(path), "--quiet"], env)
+        outs[name] = tmp_path / "runs" / f"{name}-{jobs[name]}"
+    signalled = jobs["signalled"]
+    job_log = log_dir / f"gpsds-requeue-{signalled}.out"
+
+    # USR1 to the batch script as soon as the first periodic checkpoint is on disk (mid-epoch 0).
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (outs["signalled"] / "checkpoints" / "latest").is_file():
+        state = cluster._job_fields(signalled).get("JobState")
+        if state in FINAL_STATES or time.monotonic() > deadline:
+            pytest.fail(f"job {signalled} {state} before its first checkpoint\n{_tail(job_log, 60)}")
+        time.sleep(0.2)
+    cluster._run(["scancel", "--batch", "--signal=USR1", signalled])
+
+    try:
+        fields = {name: _wait_final(cluster, job, JOB_TIMEOUT_S) for name, job in jobs.items()}
+    except TimeoutError as err:
+        pytest.fail(f"{err}\n--- job output\n{_tail(job_log, 60)}\n{cluster.logs()}")
+    text = job_log.read_text(errors="replace")
+    for name, f in fields.items():
+        assert (f.get("JobState"), f.get("ExitCode")) == ("COMPLETED", "0:0"), (name, f, text[-4000:])
+    assert fields["signalled"].get("Restarts") == "1", fields["signalled"]
+    assert fields["through"].get("Restarts") == "0", fields["through"]
+
+    # The log (appended across both starts) shows the requeue and a resume from inside epoch 0.
+    assert f"USR1 (time limit near, or preemption notice): requeueing job {signalled}" in text, text[-4000:]
+    assert f"restart 1 of job {signalled}: resuming the run in {outs['signalled']}" in text, text[-4000:]
+    resumed = re.search(r"resuming from \S+ \(epoch (\d+), batch (\d+), step (\d+)\)", text)
+    assert resumed, text[-4000:]
+    epoch, batch, step = map(int, resumed.groups())
+    assert step >= 3 and step < 2 * config["data"]["steps_per_epoch"], resumed.group(0)  # not a finished run
+    assert (epoch, batch) != (0, 0)
+
+    # Same selection and delta, bit for bit, and the same test result (no data.val: no best delta).
+    for name in ("mask.safetensors", "delta_last.safetensors"):
+        a, b = load_file(outs["through"] / name), load_file(outs["signalled"] / name)
+        assert a.keys() == b.keys() and a, name
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after the requeue"
+    summaries = [json.loads((outs[n] / "summary.json").read_text()) for n in ("through", "signalled")]
+    assert summaries[0]["test"] == summaries[1]["test"]
 
 
 # --------------------------------------------------------------------------- without a cluster
