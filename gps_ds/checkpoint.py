@@ -2,7 +2,9 @@
 
 Layout, under ``<output.dir>/checkpoints/``::
 
-    latest                          DeepSpeed's pointer, written last (a killed save leaves the old one)
+    latest                          the tag of the last complete checkpoint: written (temp file +
+                                    os.replace) by rank 0 only after every rank has finished its files,
+                                    so a save killed or out of disk space leaves the previous one
     step00000012/                   one tag per optimizer step
         mp_rank_00_model_states.pt  DeepSpeed: trainable parameters (frozen bases excluded) + buffers,
                                     so sparse mode's ``gps_indices`` travel with it
@@ -21,6 +23,7 @@ restored after the skip. DeepSpeed's own files are read with ``weights_only=True
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import shutil
@@ -91,13 +94,21 @@ def checkpoint_root(out: Path) -> Path:
     return Path(out) / CHECKPOINT_DIR
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and ``os.replace``: a reader (or a disk running full)
+    sees the old content or the new, never a part."""
+    from gps_ds.selection.maskfile import _atomic_write
+
+    _atomic_write(path, text.encode())
+
+
 def latest_tag(out: Path) -> str | None:
-    """The tag DeepSpeed's ``latest`` names, if it and its state file exist."""
+    """The tag ``latest`` names, if it and its state file exist."""
     pointer = checkpoint_root(out) / "latest"
     if not pointer.is_file():
         return None
     tag = pointer.read_text().strip()
-    if not (checkpoint_root(out) / tag / STATE_FILE).is_file():
+    if not tag or "/" in tag or not (checkpoint_root(out) / tag / STATE_FILE).is_file():
         raise CheckpointError(f"{pointer} names {tag!r}, which has no {STATE_FILE}: the checkpoint is incomplete")
     return tag
 
@@ -110,8 +121,11 @@ def read_state(out: Path, tag: str) -> tuple[TrainState, dict[str, Any]]:
         raise CheckpointError(f"{path}: unreadable checkpoint state ({e})") from None
     if raw.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a {STATE_FORMAT} file")
-    s = raw["state"]
-    return TrainState(s["epoch"], s["batch"], s["step"], s["best"], s["history"]), raw["identity"]
+    try:
+        s = raw["state"]
+        return TrainState(s["epoch"], s["batch"], s["step"], s["best"], s["history"]), dict(raw["identity"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: malformed checkpoint state (missing {e})") from None
 
 
 def check_identity(identity: RunIdentity, saved: Mapping[str, Any], where: Path) -> None:
@@ -148,9 +162,14 @@ def load_rng(path: Path) -> None:
 
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint was written by another number of ranks or is incomplete")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if not {"torch", "python", "numpy"} <= tensors.keys() or not {"python", "numpy"} <= (meta or {}).keys():
+            raise ValueError("random states missing")
+    except Exception as e:  # safetensors raises its own error types; one line naming the file
+        raise CheckpointError(f"{path}: unreadable random-state file ({_first_line(e)})") from None
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():
@@ -185,8 +204,30 @@ def _safe_globals() -> list:
     return out
 
 
+class _RecordingWriter(io.RawIOBase):
+    """A binary file wrapper that keeps the OSError of a failed write."""
+
+    def __init__(self, raw, name: str) -> None:
+        super().__init__()
+        self.raw, self.name, self.error = raw, name, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
 def install_safe_loader(engine) -> None:
-    """Make the engine read checkpoints with ``torch.load(weights_only=True)`` (no unpickling of code)."""
+    """Make the engine read checkpoints with ``torch.load(weights_only=True)`` (no unpickling of code)
+    and name the OSError of a failed write. Idempotent."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
@@ -194,9 +235,27 @@ def install_safe_loader(engine) -> None:
     allowed = _safe_globals()
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str) -> None:
+            # Through a Python file object: a failed write (disk full, file-size limit) is re-raised
+            # as the OSError it was, not torch's "unexpected pos" from the zip writer.
+            with open(path, "wb") as raw:
+                writer = _RecordingWriter(raw, path)
+                try:
+                    torch.save(state_dict, writer, _use_new_zipfile_serialization=self.zipfile_serialization)
+                except RuntimeError:
+                    if writer.error is not None:
+                        raise writer.error from None
+                    raise
+
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except FileNotFoundError:
+                raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
+            except Exception as e:  # truncated zip, pickled code refused, ...: name the file, one line
+                raise CheckpointError(f"{path}: unreadable DeepSpeed checkpoint file ({_first_line(e)}); "
+                                      f"resume from an earlier checkpoint or start a new run") from None
 
     safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
     safe.__dict__.update(engine.checkpoint_engine.__dict__)
@@ -207,29 +266,50 @@ def install_safe_loader(engine) -> None:
 
 
 def save_checkpoint(engine, out: Path, state: TrainState, identity: RunIdentity, rank: int, *,
-                    ema_module: torch.nn.Module | None = None, keep: int = 2) -> str:
-    """Write one checkpoint (a collective: every rank calls it); returns its tag."""
+                    ema_module: torch.nn.Module | None = None, keep: int = 2,
+                    elastic_meta: Mapping[str, Any] | None = None) -> str:
+    """Write one checkpoint (a collective: every rank calls it); returns its tag. A failed write
+    (disk full, ...) raises :class:`CheckpointError` naming the complete checkpoint that is kept."""
     from gps_ds import distributed as D
 
     root = checkpoint_root(out)
     tag = tag_for(state.step)
     folder = root / tag
+    install_safe_loader(engine)
     if rank == 0:
         if folder.exists():  # a save of this step interrupted earlier: start it afresh
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
     D.barrier()
-    save_rng(folder / f"rng_rank{rank}.safetensors")
-    if rank == 0:
-        if ema_module is not None:
-            from safetensors.torch import save_file
+    try:
+        save_rng(folder / f"rng_rank{rank}.safetensors")
+        if rank == 0:
+            if ema_module is not None:
+                from safetensors.torch import save_file
 
-            save_file({k: v.detach().contiguous() for k, v in ema_module.state_dict().items()},
-                      str(folder / "ema.safetensors"))
-        payload = {"format": STATE_FORMAT, "state": asdict(state), "identity": asdict(identity)}
-        (folder / STATE_FILE).write_text(json.dumps(payload, indent=1))
-    # DeepSpeed writes `latest` only after every rank's files are on disk (then a barrier).
-    engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True)
+                save_file({k: v.detach().contiguous() for k, v in ema_module.state_dict().items()},
+                          str(folder / "ema.safetensors"))
+            payload = {"format": STATE_FORMAT, "state": asdict(state), "identity": asdict(identity)}
+            atomic_write_text(folder / STATE_FILE, json.dumps(payload, indent=1))
+        # DeepSpeed's own `latest` is written by rank 0 as soon as rank 0's files are done (another rank
+        # may still be writing its optimizer partition) and in place (a full disk leaves it empty): the
+        # pointer is written here instead, after a barrier, through a temporary file.
+        engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True, save_latest=False)
+        if elastic_meta is not None:  # the world-size-independent copy of the trained state (gps_ds.elastic)
+            from gps_ds.elastic import ELASTIC_FILE, save_elastic
+
+            save_elastic(engine, folder / ELASTIC_FILE, rank, elastic_meta)
+        D.barrier()
+        if rank == 0:
+            atomic_write_text(root / "latest", tag)
+        D.barrier()
+    except Exception as e:
+        if D.is_peer_failure(e):
+            raise  # the trainer names the lost rank and the checkpoint to resume from
+        kept = latest_tag(out)
+        raise CheckpointError(f"writing checkpoint {folder} failed ({_first_line(e)}); "
+                              + (f"the last complete one, {root / kept}, is kept" if kept else
+                                 "there is no earlier checkpoint")) from None
     if rank == 0:
         _prune(root, keep=keep, current=tag)
     return tag
@@ -240,6 +320,11 @@ def _prune(root: Path, *, keep: int, current: str) -> None:
     old = [t for t in tags if t != current][: max(0, len(tags) - keep)]
     for t in old:
         shutil.rmtree(root / t, ignore_errors=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:300] if text else type(err).__name__)
 
 
 def load_checkpoint(engine, out: Path, tag: str, rank: int, *, ema_module: torch.nn.Module | None = None) -> None:
@@ -257,7 +342,10 @@ def load_checkpoint(engine, out: Path, tag: str, rank: int, *, ema_module: torch
         ema_file = root / tag / "ema.safetensors"
         if not ema_file.is_file():
             raise CheckpointError(f"{ema_file} is missing but train.ema_decay is set")
-        ema_module.load_state_dict(load_file(str(ema_file)))
+        try:
+            ema_module.load_state_dict(load_file(str(ema_file)))
+        except Exception as e:
+            raise CheckpointError(f"{ema_file}: unreadable EMA weights ({_first_line(e)})") from None
 
 
 def restore_rng(out: Path, tag: str, rank: int) -> None:

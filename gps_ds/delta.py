@@ -127,9 +127,33 @@ def load_delta(path: str | os.PathLike) -> Delta:
             if name + VAL not in tensors:
                 raise DeltaError(f"delta file {path}: '{name}' has indices but no values")
             delta.selected[name] = (t, tensors[name + VAL])
-        elif not key.endswith(VAL):
+            _check_selected(path, name, t, tensors[name + VAL])
+        elif key.endswith(VAL):
+            if key[: -len(VAL)] + IDX not in tensors:
+                raise DeltaError(f"delta file {path}: '{key[: -len(VAL)]}' has values but no indices")
+        else:
+            if not t.is_floating_point():
+                raise DeltaError(f"delta file {path}: tensor '{key}' is {t.dtype}, expected floating point")
             delta.whole[key] = t
     return delta
+
+
+def _check_selected(path: Path, name: str, idx: torch.Tensor, vals: torch.Tensor) -> None:
+    """One selected tensor's indices and values as the format says: int32 (rows, K) in [-1, ...),
+    no index twice in a row, values floating point of the same shape."""
+    where = f"delta file {path}: '{name}'"
+    if idx.dtype != torch.int32 or idx.dim() != 2:
+        raise DeltaError(f"{where}: indices are {idx.dtype} {tuple(idx.shape)}, expected int32 (rows, K)")
+    if not vals.is_floating_point() or vals.shape != idx.shape:
+        raise DeltaError(f"{where}: values are {vals.dtype} {tuple(vals.shape)}, expected floating point "
+                         f"{tuple(idx.shape)} like the indices")
+    if idx.numel() == 0:
+        return
+    if int(idx.min()) < -1:
+        raise DeltaError(f"{where}: negative index {int(idx.min())} (only -1 pads a row)")
+    s = idx.sort(dim=1).values
+    if ((s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)).any():
+        raise DeltaError(f"{where}: an index appears twice in a row")
 
 
 def check_delta_fits(delta: Delta, shapes: Mapping[str, tuple[int, ...]]) -> None:

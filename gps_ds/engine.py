@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from gps_ds import distributed as D
-from gps_ds.checkpoint import (RunIdentity, TrainState, check_identity, checkpoint_root, latest_tag,
+from gps_ds.checkpoint import (RunIdentity, TrainState, atomic_write_text, check_identity, checkpoint_root, latest_tag,
                                load_checkpoint, read_state, restore_rng, save_checkpoint, selection_sha256)
 from gps_ds.config import Config, config_to_dict
 from gps_ds.delta import Delta, load_delta, save_delta
@@ -171,10 +171,15 @@ class Trainer:
         return result.selection
 
     def _load_selection(self, source: Path, mask_path: Path) -> dict[str, torch.Tensor]:
-        from gps_ds.selection.maskfile import check_fits, load_mask
+        from gps_ds.selection.maskfile import check_fits, check_mask_model, load_mask
+        from gps_ds.selection.pipeline import candidate_fingerprint
 
         selection, meta = load_mask(source)
-        check_fits(selection, self.model)
+        try:
+            check_fits(selection, self.model)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+        check_mask_model(source, meta, candidate_fingerprint(getattr(self, "shapes", self.model), self.roles))
         if int(meta.get("k", self.cfg.gps.k)) != self.cfg.gps.k and self.cfg.gps.mask is None:
             raise ValueError(f"--resume: the run's mask has K={meta['k']}, the config asks for gps.k={self.cfg.gps.k}")
         self._copy_mask_from = source if source != mask_path else None  # copied after the resume checks
@@ -383,7 +388,7 @@ class Trainer:
         self._log_artifacts()
         self.tracker.end("FINISHED")
         if self.rank == 0:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     def _epoch_metrics(self, epoch: int, split: str) -> dict[str, float]:
@@ -424,10 +429,11 @@ class Trainer:
     def _write_run_files(self) -> None:
         if self.rank != 0:
             return
-        (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        # Whole-file replacements (temp file + os.replace): a full disk never leaves a run's files cut.
+        atomic_write_text(self.out / "config.json", json.dumps(config_to_dict(self.cfg), indent=2))
         marker = {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri, "trainable": self.counts,
                   "backbone_params": self.backbone_params, "world_size": self.world, "task": self.task.name}
-        (self.out / RUN_MARKER).write_text(json.dumps(marker, indent=2))
+        atomic_write_text(self.out / RUN_MARKER, json.dumps(marker, indent=2))
         self.tracker.log_params(config_to_dict(self.cfg))
         share = {f"trainable_{k}_percent": 100.0 * v / self.backbone_params for k, v in self.counts.items()}
         self.tracker.log_metrics({**{f"trainable_{k}": v for k, v in self.counts.items()}, **share}, step=0)
@@ -436,15 +442,15 @@ class Trainer:
         if self.prepared.selection is not None:
             from gps_ds.plots import plot_selection_distribution
 
-            plot_selection_distribution(self.prepared.selection, self.out / "selection.png",
+            tmp = self.out / ".selection.tmp.png"
+            plot_selection_distribution(self.prepared.selection, tmp,
                                         f"{self.cfg.model.name}, K={self.cfg.gps.k}: selected weights per block")
+            tmp.replace(self.out / "selection.png")
 
     def _write_metrics(self, history: list[dict]) -> None:
         if self.rank == 0:
             lines = "".join(json.dumps(h) + "\n" for h in history)
-            tmp = self.out / "metrics.jsonl.tmp"
-            tmp.write_text(lines)
-            tmp.replace(self.out / "metrics.jsonl")
+            atomic_write_text(self.out / "metrics.jsonl", lines)
 
     def _log_artifacts(self) -> None:
         names = ["selection.png", BEST, LAST, "metrics.jsonl"]

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 #: What went wrong, in the order of the counter's columns.
-KINDS = ("bad_shard", "decode", "missing_key", "missing_sample", "other")
+KINDS = ("bad_shard", "decode", "missing_key", "missing_sample", "label", "other")
 _MAX_WARNINGS = 20
 _warned = 0
 
@@ -40,8 +40,12 @@ def warn_corrupt(kind: str, detail: str) -> None:
 
 def classify(exn: BaseException) -> str:
     """Map an exception raised while reading a shard or sample to one of :data:`KINDS`."""
+    from .decode import LabelError
+
     if isinstance(exn, KeyError):
         return "missing_key"
+    if isinstance(exn, LabelError):
+        return "label"
     if isinstance(exn, (tarfile.TarError, EOFError)):
         return "bad_shard"
     if isinstance(exn, ValueError) and "duplicate file name" in str(exn):

@@ -151,6 +151,16 @@ def resolve_num_classes(cfg: DataConfig) -> int:
     raise ValueError("data.num_classes is not set and no _info.json gives it")
 
 
+def _label_count(cfg: DataConfig) -> Optional[int]:
+    """The class count labels are checked against (None: segmentation, or not known)."""
+    if cfg.recipe == "segmentation":
+        return None
+    try:
+        return resolve_num_classes(cfg)
+    except ValueError:
+        return None
+
+
 def few_shot_keys(cfg: DataConfig, urls: list[str], counter: Optional[CorruptCounter] = None) -> list[list[str]]:
     """The keys of the ``cfg.few_shot`` samples per class, per shard (same on every rank)."""
     return few_shot_selection(urls, cfg.few_shot, cfg.seed, handler=counter.handler if counter is not None else None)
@@ -187,7 +197,8 @@ def make_train_loader(cfg: DataConfig, rank: Optional[int] = None, world_size: O
         size = cfg.train_size or shardset.size or shardset.with_counts(counter.handler).size
     steps = train_steps(cfg, size, batch_size_per_rank * world_size)
     seg = cfg.recipe == "segmentation"
-    processor = SampleProcessor(transform or build_train_transform(cfg, uint8=True), segmentation=seg)
+    processor = SampleProcessor(transform or build_train_transform(cfg, uint8=True), segmentation=seg,
+                                num_classes=_label_count(cfg))
     stream = TrainStream(urls, rank=rank, world_size=world_size, steps=steps, batch_size=batch_size_per_rank,
                          processor=processor, counter=counter, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                          keys=keys)
@@ -206,7 +217,8 @@ def _exact_loader(cfg: DataConfig, which: str, rank: Optional[int], world_size: 
     keys = few_shot_keys(cfg, shardset.urls, counter) if (which == "train" and cfg.few_shot) else None
     counts = shardset.counts if keys is not None else shardset.with_counts(counter.handler).counts
     seg = cfg.recipe == "segmentation"
-    processor = SampleProcessor(transform, segmentation=seg, originals=seg and not drop_last)
+    processor = SampleProcessor(transform, segmentation=seg, originals=seg and not drop_last,
+                                num_classes=_label_count(cfg))
     stream = ExactStream(shardset.urls, counts, rank=rank, world_size=world_size, batch_size=batch_size,
                          processor=processor, counter=counter, drop_last=drop_last, keys=keys)
     return Loader(stream, stream.batches, cfg.workers, counter, seed=cfg.seed, rank=rank,

@@ -4,7 +4,7 @@ a batch, and find out which DataLoader worker this is."""
 from __future__ import annotations
 
 import io
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -39,9 +39,11 @@ class SampleProcessor:
     or ``(image, mask)`` (segmentation). With ``originals=True`` (segmentation evaluation)
     the target is a :class:`MaskWithOriginal`. Raises on missing members or bad bytes."""
 
-    def __init__(self, transform: Callable, segmentation: bool = False, originals: bool = False) -> None:
+    def __init__(self, transform: Callable, segmentation: bool = False, originals: bool = False,
+                 num_classes: Optional[int] = None) -> None:
         if originals and not segmentation:
             raise ValueError("originals=True needs segmentation=True")
+        self.num_classes = num_classes  # labels outside [0, num_classes) are refused (skipped, counted)
         self.transform = transform
         self.segmentation = segmentation
         self.originals = originals
@@ -49,8 +51,8 @@ class SampleProcessor:
 
     def decode(self, sample: dict[str, Any]) -> tuple[Image.Image, Any]:
         if self.lazy:  # the transform decodes (possibly at reduced scale)
-            return Image.open(io.BytesIO(image_bytes(sample))), decode_label(sample)
-        return decode_sample(sample, self.segmentation)
+            return Image.open(io.BytesIO(image_bytes(sample))), decode_label(sample, self.num_classes)
+        return decode_sample(sample, self.segmentation, self.num_classes)
 
     def apply(self, img: Image.Image, target: Any) -> tuple[Any, Target]:
         if self.segmentation:

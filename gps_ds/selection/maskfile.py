@@ -47,6 +47,7 @@ __all__ = [
     "save_scores",
     "load_scores",
     "check_fits",
+    "check_mask_model",
     "selection_stats",
 ]
 
@@ -217,8 +218,45 @@ def load_mask(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], d
             raise MaskFileError(
                 f"{p}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected int32 (rows, K)"
             )
+        bad = _first_bad_row(t)
+        if bad is not None:
+            row, why = bad
+            raise MaskFileError(f"{p}: tensor {name!r} row {row}: {why} (each row holds ascending distinct "
+                                f"indices >= 0, then -1 padding)")
         selection[name] = t.to(torch.int64)
+    if meta["k"] < 1:
+        raise MaskFileError(f"{p}: metadata k={meta['k']} is not a positive integer")
     return selection, meta
+
+
+def _first_bad_row(idx: torch.Tensor) -> tuple[int, str] | None:
+    """The first row breaking the contract (ascending, distinct, -1 only as trailing padding)."""
+    if idx.numel() == 0:
+        return None
+    t = idx.to(torch.int64)
+    below = (t < -1).any(dim=1)
+    valid = t >= 0
+    # padding then a valid entry again: a -1 followed by something >= 0
+    gap = (~valid[:, :-1] & valid[:, 1:]).any(dim=1) if t.shape[1] > 1 else torch.zeros_like(below)
+    d = t[:, 1:] - t[:, :-1]
+    both = valid[:, 1:] & valid[:, :-1]
+    dup = ((d == 0) & both).any(dim=1)
+    down = ((d < 0) & both).any(dim=1)
+    for flags, why in ((below, "index below -1"), (gap, "-1 padding before a selected index"),
+                       (dup, "duplicate index"), (down, "indices not in ascending order")):
+        rows = torch.nonzero(flags).flatten()
+        if rows.numel():
+            r = int(rows[0])
+            return r, f"{why} in {t[r, :8].tolist()}{' ...' if t.shape[1] > 8 else ''}"
+    return None
+
+
+def check_mask_model(path: Union[str, os.PathLike], meta: Mapping[str, Any], fingerprint: str) -> None:
+    """Refuse a mask written for another model (its metadata fingerprint is not this model's)."""
+    theirs = meta.get("fingerprint")
+    if theirs != fingerprint:
+        raise MaskMismatchError(f"{os.fspath(path)}: the mask was selected on model {meta.get('model')!r} with "
+                                f"candidate fingerprint {theirs!r}; this config's model has {fingerprint!r}")
 
 
 def load_scores(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
