@@ -45,6 +45,10 @@ class StepMonitor:
         self.steps = 0
         self.started = time.perf_counter()
 
+    def restart_clock(self) -> None:
+        """Time the window from now (a new epoch: the evaluation and checkpoint before it are not training)."""
+        self.started = time.perf_counter()
+
     def add_loss(self, loss: torch.Tensor, step: int) -> None:
         """A micro-batch's loss at optimizer step `step` (device ops only)."""
         value = loss.detach().to(torch.float64)

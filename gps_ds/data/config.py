@@ -61,8 +61,11 @@ class DataConfig(BaseModel):
     recipe: Recipe = "fgvc"
     num_classes: Optional[int] = Field(None, ge=1, description="else from _info.json")
     image_size: Optional[int] = Field(None, ge=8, description="else 224 (1024 for segmentation)")
-    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bicubic"
-    crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="eval resize = image_size / crop_pct (fgvc, imagenet)")
+    # None: the model's own (timm pretrained_cfg via resolve_data_config; SAM: segment-anything's
+    # pixel mean/std), else timm's defaults: ImageNet mean/std, crop 0.875, bicubic.
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = Field(None, description="else the model's")
+    crop_pct: Optional[float] = Field(None, gt=0.0, le=1.0, description="eval resize = image_size / crop_pct "
+                                      "(fgvc, imagenet); else the model's")
     mean: Optional[Tuple[float, float, float]] = None
     std: Optional[Tuple[float, float, float]] = None
     fast_crop: bool = Field(True, description="train crop (fgvc, imagenet): reduced-scale JPEG decoding of large "
@@ -71,6 +74,10 @@ class DataConfig(BaseModel):
     vflip: float = Field(0.0, ge=0.0, le=1.0, description="segmentation only")
 
     workers: int = Field(4, ge=0, description="DataLoader workers per rank")
+    prefetch: int = Field(4, ge=1, description="batches each worker prepares ahead (DataLoader prefetch_factor; "
+                                               "ignored with workers=0)")
+    pin_memory: Union[bool, Literal["auto"]] = Field("auto", description="pin decoded batches for non-blocking "
+                                                   "copies; auto: on CUDA only (a no-op on CPU)")
     steps_per_epoch: Optional[int] = Field(None, ge=1, description="else ceil(train_size / global batch)")
     train_size: Optional[int] = Field(None, ge=1, description="else from _info.json")
     shuffle_buffer: int = Field(1000, ge=0)

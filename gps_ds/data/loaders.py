@@ -3,6 +3,11 @@
 Each returns a :class:`Loader`: iterable, ``len()`` = batches per epoch (the same on
 every rank), ``.counter`` with the corrupt-data counts, ``.set_epoch(e)`` (called
 automatically: each ``iter()`` starts the next epoch).
+
+The accelerator pipeline: workers decode and crop to uint8 batches (``Loader.raw()``), pinned
+when ``data.pin_memory`` says so (auto: on CUDA), which the main process copies to ``device``
+with ``non_blocking=True`` and normalises and mixes (mixup/cutmix) there. Pass the config
+through :func:`~gps_ds.data.transforms.resolve_data` first for the model's normalisation.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ def _worker_context() -> Optional[str]:
     return "fork" if sys.platform.startswith("linux") else None
 
 
-def _pin(device: Device) -> bool:
-    return device is not None and torch.device(device).type == "cuda"
+def _pin(cfg: DataConfig, device: Device) -> bool:
+    """Pinned batches only help (and only work) for a CUDA device; ``pin_memory=True`` elsewhere is a no-op."""
+    on_cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return on_cuda and cfg.pin_memory in (True, "auto")
 
 
 def _finish_batch(normalize: BatchNormalize, mixup: Optional[Callable] = None) -> Callable[[Any], Any]:
@@ -72,9 +79,11 @@ class Loader:
 
     def __init__(self, dataset: Union[TrainStream, ExactStream], length: int, workers: int,
                  counter: CorruptCounter, seed: int = 0, rank: int = 0,
-                 batch_fn: Optional[Callable[[Any], Any]] = None, pin_memory: bool = False) -> None:
+                 batch_fn: Optional[Callable[[Any], Any]] = None, pin_memory: bool = False,
+                 prefetch: int = 4) -> None:
         self.dataset = dataset
         self.pin_memory = pin_memory
+        self.prefetch = prefetch
         self.length = length
         self.workers = min(workers, length)
         self.counter = counter
@@ -100,13 +109,21 @@ class Loader:
         self._skip, self._after_skip = batches, then
 
     def __iter__(self) -> Iterator[Any]:
+        """Batches on the loader's device, normalised (and mixed for training)."""
+        for batch in self.raw():
+            yield self.batch_fn(batch) if self.batch_fn is not None else batch
+
+    def raw(self) -> Iterator[Any]:
+        """The batches as the DataLoader hands them over: uint8 images (float for segmentation),
+        pinned when configured, on the CPU; one epoch, as ``iter()``."""
         skip, after_skip = self._skip, self._after_skip
         self._skip, self._after_skip = 0, None
         epoch = self.epoch
         self.epoch += 1
         self.dataset.set_epoch(epoch)
         gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, 1))  # worker transform seeds
-        kwargs = {"prefetch_factor": 4, "multiprocessing_context": _worker_context()} if self.workers > 0 else {}
+        kwargs = ({"prefetch_factor": self.prefetch, "multiprocessing_context": _worker_context()}
+                  if self.workers > 0 else {})
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                                              generator=gen, persistent_workers=False,
                                              pin_memory=self.pin_memory, **kwargs)
@@ -119,7 +136,7 @@ class Loader:
                 if n == skip and after_skip is not None:
                     after_skip()
                 continue
-            yield self.batch_fn(batch) if self.batch_fn is not None else batch
+            yield batch
         if n != self.length:  # a bug, never corrupt data: fail loudly rather than desynchronise ranks
             raise RuntimeError(f"data loader yielded {n} batches, expected {self.length}")
 
@@ -183,7 +200,8 @@ def make_train_loader(cfg: DataConfig, rank: Optional[int] = None, world_size: O
 
     ``transform``: ``image -> tensor`` (``(image, mask) -> (tensor, tensor)`` for
     segmentation); default the recipe's. uint8 outputs are normalised per batch in the
-    main process, on ``device`` if given (then images arrive there already)."""
+    main process, on ``device`` if given (then images arrive there already, normalised and
+    mixed there)."""
     rank, world_size = _rank_world(rank, world_size)
     counter = counter or CorruptCounter(slots=cfg.workers + 1)
     shardset = shardlib.resolve(*_spec(cfg, "train"))
@@ -206,7 +224,8 @@ def make_train_loader(cfg: DataConfig, rank: Optional[int] = None, world_size: O
     if mixup is not None and batch_size_per_rank % 2:
         raise ValueError(f"mixup/cutmix need an even batch size per rank, got {batch_size_per_rank}")
     return Loader(stream, steps, cfg.workers, counter, seed=cfg.seed, rank=rank,
-                  batch_fn=_finish_batch(build_batch_normalize(cfg, device), mixup), pin_memory=_pin(device))
+                  batch_fn=_finish_batch(build_batch_normalize(cfg, device), mixup), pin_memory=_pin(cfg, device),
+                  prefetch=cfg.prefetch)
 
 
 def _exact_loader(cfg: DataConfig, which: str, rank: Optional[int], world_size: Optional[int], batch_size: int,
@@ -222,7 +241,8 @@ def _exact_loader(cfg: DataConfig, which: str, rank: Optional[int], world_size: 
     stream = ExactStream(shardset.urls, counts, rank=rank, world_size=world_size, batch_size=batch_size,
                          processor=processor, counter=counter, drop_last=drop_last, keys=keys)
     return Loader(stream, stream.batches, cfg.workers, counter, seed=cfg.seed, rank=rank,
-                  batch_fn=_finish_batch(build_batch_normalize(cfg, device)), pin_memory=_pin(device))
+                  batch_fn=_finish_batch(build_batch_normalize(cfg, device)), pin_memory=_pin(cfg, device),
+                  prefetch=cfg.prefetch)
 
 
 def make_eval_loader(cfg: DataConfig, rank: Optional[int] = None, world_size: Optional[int] = None,

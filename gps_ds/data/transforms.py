@@ -4,9 +4,13 @@ augmentation for GPS scoring, and mixup/cutmix/label smoothing from the config.
 Recipes (REFERENCE.md):
 
 * ``fgvc`` / ``imagenet`` — train: RandomResizedCrop + horizontal flip; eval: resize to
-  ``image_size / crop_pct`` + center crop; ImageNet mean/std.
+  ``image_size / crop_pct`` + center crop.
 * ``vtab`` / ``digits`` — resize to ``image_size`` x ``image_size``, no augmentation.
 * ``segmentation`` — see :mod:`gps_ds.data.seg_transforms`.
+
+Normalisation (mean/std), ``crop_pct`` and interpolation are the model's own (its timm
+``pretrained_cfg``, see :func:`resolve_data`) unless the config sets them; without a model,
+timm's defaults (ImageNet mean/std, crop 0.875, bicubic).
 
 Images reach these transforms as RGB PIL images (grayscale inputs are converted on decode).
 """
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -36,14 +40,46 @@ TWO_VIEW_SCALE = (0.2, 1.0)
 TWO_VIEW_JITTER = (0.4, 0.4, 0.4, 0.1)
 
 
+#: the data-config keys a model's pretrained_cfg supplies when the config leaves them unset
+MODEL_DATA_KEYS = ("mean", "std", "crop_pct", "interpolation")
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
 def _norm(cfg: DataConfig) -> dict:
     return {"mean": tuple(cfg.mean or IMAGENET_DEFAULT_MEAN), "std": tuple(cfg.std or IMAGENET_DEFAULT_STD)}
+
+
+def _interp(cfg: DataConfig) -> str:
+    return cfg.interpolation or "bicubic"
+
+
+def resolve_data(cfg: DataConfig, model: Optional[torch.nn.Module]) -> DataConfig:
+    """``cfg`` with mean, std, crop_pct and interpolation filled in: the config's own values win,
+    the rest come from the model through ``timm.data.resolve_data_config`` (its
+    ``pretrained_cfg``: 0.5/0.5 and crop 0.9 for the in21k AugReg ViTs). A SAM model (no
+    pretrained_cfg, ``pixel_mean``/``pixel_std`` buffers in 0-255) gives segment-anything's
+    normalisation. Every loader of a run should read the returned config."""
+    if model is None:
+        return cfg
+    from timm.data import resolve_data_config
+
+    given = {k: getattr(cfg, k) for k in MODEL_DATA_KEYS if getattr(cfg, k) is not None}
+    resolved = resolve_data_config(args=dict(given), model=model)
+    if getattr(model, "pretrained_cfg", None) is None and hasattr(model, "pixel_mean") and hasattr(model, "pixel_std"):
+        resolved["mean"] = tuple(float(v) / 255.0 for v in model.pixel_mean.flatten().tolist())
+        resolved["std"] = tuple(float(v) / 255.0 for v in model.pixel_std.flatten().tolist())
+    interp = resolved.get("interpolation")
+    update = {"mean": tuple(float(v) for v in resolved["mean"]), "std": tuple(float(v) for v in resolved["std"]),
+              "crop_pct": float(resolved.get("crop_pct") or DEFAULT_CROP_PCT),
+              "interpolation": interp if interp in _INTERPOLATIONS else "bicubic"}
+    update.update(given)  # resolve_data_config already prefers them; kept exact (no float round trip)
+    return cfg.model_copy(update=update)
 
 
 def _squash(cfg: DataConfig, uint8: bool) -> ImageTransform:
     # Resize((s, s)) + ToTensor + Normalize — the VTAB-1k recipe
     return create_transform(cfg.size, is_training=False, crop_pct=1.0, crop_mode="squash",
-                            interpolation=cfg.interpolation, use_prefetcher=uint8, **_norm(cfg))
+                            interpolation=_interp(cfg), use_prefetcher=uint8, **_norm(cfg))
 
 
 def build_train_transform(cfg: DataConfig, uint8: bool = False) -> Callable:
@@ -59,9 +95,9 @@ def build_train_transform(cfg: DataConfig, uint8: bool = False) -> Callable:
     if cfg.recipe in ("vtab", "digits"):
         return _squash(cfg, uint8)
     if uint8 and cfg.fast_crop:
-        return FastRandomResizedCrop(cfg.size, scale=(0.08, 1.0), interpolation=cfg.interpolation, hflip=cfg.hflip)
+        return FastRandomResizedCrop(cfg.size, scale=(0.08, 1.0), interpolation=_interp(cfg), hflip=cfg.hflip)
     return create_transform(cfg.size, is_training=True, scale=(0.08, 1.0), hflip=cfg.hflip,
-                            color_jitter=None, auto_augment=None, interpolation=cfg.interpolation,
+                            color_jitter=None, auto_augment=None, interpolation=_interp(cfg),
                             use_prefetcher=uint8, **_norm(cfg))
 
 
@@ -71,8 +107,8 @@ def build_eval_transform(cfg: DataConfig, uint8: bool = False) -> Callable:
         return JointTransform(cfg.size, train=False, **_norm(cfg))
     if cfg.recipe in ("vtab", "digits"):
         return _squash(cfg, uint8)
-    return create_transform(cfg.size, is_training=False, crop_pct=cfg.crop_pct,
-                            interpolation=cfg.interpolation, use_prefetcher=uint8, **_norm(cfg))
+    return create_transform(cfg.size, is_training=False, crop_pct=cfg.crop_pct or DEFAULT_CROP_PCT,
+                            interpolation=_interp(cfg), use_prefetcher=uint8, **_norm(cfg))
 
 
 class BatchNormalize:
@@ -169,7 +205,7 @@ def build_two_view_transform(cfg: DataConfig, uint8: bool = False) -> TwoView:
     grayscale (p=0.2), then the recipe's normalisation (``uint8``: left to :class:`BatchNormalize`)."""
     view = create_transform(cfg.size, is_training=True, scale=TWO_VIEW_SCALE, hflip=0.5,
                             color_jitter=TWO_VIEW_JITTER, color_jitter_prob=0.8, grayscale_prob=0.2,
-                            auto_augment=None, interpolation=cfg.interpolation, use_prefetcher=uint8, **_norm(cfg))
+                            auto_augment=None, interpolation=_interp(cfg), use_prefetcher=uint8, **_norm(cfg))
     return TwoView(view)
 
 
