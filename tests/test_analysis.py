@@ -149,3 +149,16 @@ def test_overlap_cli(tmp_path, capsys):
     assert (out / "overlap.png").stat().st_size > 1000
     assert run(["analyze", "overlap", str(paths[0]), "--out", str(out)]) == 2
     assert "at least two" in capsys.readouterr().err
+
+
+def test_blocks_in_network_order():
+    from gps_ds.analysis.common import block_of
+
+    names = ["head.weight", "blocks.10.mlp.fc1.weight", "blocks.2.attn.qkv.weight", "patch_embed.proj.weight",
+             "image_encoder.blocks.3.attn.qkv.weight", "image_encoder.patch_embed.proj.weight"]
+    assert [block_of(n) for n in names] == ["head", "blocks.10", "blocks.2", "patch_embed",
+                                            "image_encoder.blocks.3", "image_encoder.patch_embed"]
+    sel = {n: torch.tensor([[0]]) for n in sorted(names)}  # files store tensors sorted by name
+    r = compare_blocks({"a": sel, "b": sel})
+    assert [b["block"] for b in r["blocks"]] == ["image_encoder.patch_embed", "patch_embed", "blocks.2", "blocks.10",
+                                                 "image_encoder.blocks.3", "head"]

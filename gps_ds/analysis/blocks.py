@@ -8,16 +8,22 @@ from typing import Any, Mapping
 
 import torch
 
-from gps_ds.analysis.common import pyplot
-from gps_ds.plots import per_block_counts, plot_selection_distribution
+from gps_ds.analysis.common import block_of, block_order, in_network_order, pyplot
+from gps_ds.plots import plot_selection_distribution
+
+
+def per_block_counts(selection: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Selected (>= 0) entries per block."""
+    counts: dict[str, int] = {}
+    for name, idx in selection.items():
+        counts[block_of(name)] = counts.get(block_of(name), 0) + int((idx >= 0).sum())
+    return counts
 
 
 def compare_blocks(selections: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, Any]:
-    """Per block (model order, union of the selections' blocks): count and share (%) per selection."""
+    """Per block (network order, union of the selections' blocks): count and share (%) per selection."""
     counts = {label: per_block_counts(sel) for label, sel in selections.items()}
-    blocks: list[str] = []
-    for c in counts.values():
-        blocks += [b for b in c if b not in blocks]
+    blocks = sorted({b for c in counts.values() for b in c}, key=block_order)
     totals = {label: sum(c.values()) for label, c in counts.items()}
     rows = []
     for b in blocks:
@@ -47,9 +53,10 @@ def plot_blocks(result: dict[str, Any], title: str = "selected entries per block
 
 
 def single_plots(selections: Mapping[str, Mapping[str, torch.Tensor]], out: str | Path) -> list[Path]:
-    """The existing Fig. 9 panel (gps_ds.plots) for each selection on its own."""
+    """The existing Fig. 9 panel (gps_ds.plots) for each selection on its own (tensors handed over in
+    network order, which that panel keeps)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     safe = lambda s: "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s)  # noqa: E731
-    return [plot_selection_distribution(sel, out / f"blocks-{safe(label)}.png", title=f"{label}: selected per block")
+    return [plot_selection_distribution(in_network_order(dict(sel)), out / f"blocks-{safe(label)}.png", title=f"{label}: selected per block")
             for label, sel in selections.items()]

@@ -78,3 +78,31 @@ def log_to_mlflow(run_id: str | None, uri: str | None, paths: Iterable[str | os.
         raise ValueError(f"--mlflow-run {run_id}: no such run in {uri}") from None
     for p in paths:
         client.log_artifact(run_id, str(p), folder)
+
+
+#: module names on the input side of a network: drawn before the numbered blocks
+INPUT_SIDE = ("patch_embed", "stem", "conv_stem", "conv1", "bn1", "embeddings")
+
+
+def block_of(name: str) -> str:
+    """The block a parameter belongs to: its path up to the first numeric component
+    ("blocks.3", "layers.1", "image_encoder.blocks.7"), else its module path without the layer
+    ("patch_embed", "head", "image_encoder.patch_embed")."""
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[: max(1, len(parts) - 2)])
+
+
+def block_order(block: str) -> tuple:
+    """Sort key in network order: input-side modules, numbered blocks by number (blocks.2 before
+    blocks.10), then the rest (norms, heads, decoders). Files store tensors by name, not in model order."""
+    parts = block.split(".")
+    rank = 0 if any(p in INPUT_SIDE for p in parts) else 1 if any(p.isdigit() for p in parts) else 2
+    return (rank, tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
+
+
+def in_network_order(selection: dict) -> dict:
+    """`selection` with its tensors re-ordered by (block, name) in network order."""
+    return {n: selection[n] for n in sorted(selection, key=lambda n: (block_order(block_of(n)), n))}

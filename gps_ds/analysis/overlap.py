@@ -10,12 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from gps_ds.analysis.common import pyplot
-
-
-def _block(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+from gps_ds.analysis.common import block_of, block_order, pyplot
 
 
 def entry_codes(idx: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -75,10 +70,10 @@ def compute_overlap(selections: Mapping[str, Mapping[str, torch.Tensor]],
         regions = region_counts(codes)
         total += regions
         per_param.append({"parameter": name, **_summary(regions, labels)})
-        b = _block(name)
+        b = block_of(name)
         per_block[b] = per_block.get(b, torch.zeros_like(regions)) + regions
     result = {"labels": labels, **_summary(total, labels), "regions": _regions(total, labels),
-              "per_block": [{"block": b, **_summary(r, labels)} for b, r in per_block.items()],
+              "per_block": [{"block": b, **_summary(per_block[b], labels)} for b in sorted(per_block, key=block_order)],
               "per_parameter": per_param}
     return result
 
