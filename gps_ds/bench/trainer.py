@@ -143,8 +143,10 @@ def run_trainer(config: dict[str, Any], workdir: Path, timeout: float, threads: 
 
 
 def summarize(windows: list[dict[str, Any]], batch: int) -> dict[str, Any]:
-    """Median images/s and s/step of the windows after the first, and CPU seconds per step from
-    the CPU-time differences between consecutive lines."""
+    """Median s/step of the windows after the first and images/s = batch / that (one process: the
+    global batch; the trainer's own images/s figure is printed with one decimal, too coarse below
+    ~10 img/s, its s/step with three), and CPU seconds per step from the CPU-time differences
+    between consecutive lines."""
     if len(windows) < 2:
         raise BenchError(f"the trainer logged {len(windows)} window(s); need >= 2 (raise --steps or lower "
                          f"--log-every)")
@@ -154,11 +156,13 @@ def summarize(windows: list[dict[str, Any]], batch: int) -> dict[str, Any]:
         steps = cur["step"] - prev["step"]
         if steps > 0:
             cpu_per_step.append((cur["cpu_s"] - prev["cpu_s"]) / steps)
-    ips = statistics.median(w["images_per_s"] for w in kept)
+    step_s = statistics.median(w["step_s"] for w in kept)
     cpu = statistics.median(cpu_per_step)
-    return {"images_per_s": ips, "step_s": statistics.median(w["step_s"] for w in kept),
+    return {"images_per_s": batch / step_s if step_s > 0 else statistics.median(w["images_per_s"] for w in kept),
+            "step_s": step_s,
             "cpu_s_per_step": cpu, "cpu_images_per_s": batch / cpu if cpu > 0 else None,
-            "windows": [w["images_per_s"] for w in kept], "cpu_windows": cpu_per_step}
+            "windows": [w["images_per_s"] for w in kept], "step_windows": [w["step_s"] for w in kept],
+            "cpu_windows": cpu_per_step}
 
 
 def bench_trainer(models: Sequence[str], methods: Sequence[str] = METHODS, *, batch: int = 8, steps: int = 8,
@@ -231,7 +235,7 @@ def bench_trainer(models: Sequence[str], methods: Sequence[str] = METHODS, *, ba
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = ["| model | method | images/s (trainer log) | x full | s/step | CPU ms/step | x full (CPU, inverse) |",
+    lines = ["| model | method | images/s | x full | s/step (trainer log) | CPU ms/step | x full (CPU, inverse) |",
              "|---|---|---|---|---|---|---|"]
     for model in result["models"]:
         for method in result["methods"]:
@@ -267,7 +271,8 @@ def section(result: dict[str, Any], command: str) -> tuple[str, str, str]:
             f"* `gps-ds train` subprocesses (DeepSpeed engine, fp32), {r['images']} random JPEG images in shards "
             f"on disk, {r['img_size']} px (imagenet recipe: random-resized crop), batch {r['batch']}, "
             f"{r['workers']} data worker(s), {r['steps']} optimizer steps per run, a trainer log line every "
-            f"{r['log_every']} steps; the first window (start-up) dropped, median of the rest; "
+            f"{r['log_every']} steps; the first window (start-up) dropped, median s/step of the rest as the "
+            f"trainer logged it, images/s = batch / s/step; "
             f"{r['rounds']} round(s), method order rotated per model and round\n"
             f"* CPU ms/step: CPU time of the trainer's process tree (trainer + data workers) per step over the "
             f"same windows; \"x full (CPU, inverse)\" = full's CPU time per step / the method's\n\n{format_table(r)}\n")
