@@ -158,3 +158,35 @@ def test_pipe_urls_have_no_manifest_to_look_for(written, tmp_path):
     assert shardlib._manifest_url(spec[0]) is None
     assert shardlib._manifest_url("https://h/d/x-000001.tar") == f"https://h/d/{INFO_NAME}"
     assert os.path.isfile(folder / INFO_NAME)
+
+
+def test_index_writes_the_manifest_that_spares_the_counting(server, tmp_path, capsys):
+    """`gps-ds shards index` over shards without a manifest (another tool's, here served over
+    HTTP): the manifest it writes, put beside the shards, gives the writer's counts with no shard
+    opened; bad input is one line and exit 2."""
+    from gps_ds.cli import run
+
+    srv, names, truth, folder = server
+    (folder / INFO_NAME).rename(folder / "hidden.json")
+    try:
+        spec = _spec(srv.url, names)
+        out = tmp_path / INFO_NAME
+        assert run(["shards", "index", str(out), "--split", f"train={spec}", "--num-classes", "3"]) == 0
+        assert srv.requests == Counter({n: 1 for n in names})  # each shard read once
+        written = json.loads(out.read_text())
+        assert [s["samples"] for s in written["splits"]["train"]["shards"]] == truth
+        assert [s["name"] for s in written["splits"]["train"]["shards"]] == names
+        (folder / INFO_NAME).write_text(out.read_text())  # "upload" it beside the shards
+        srv.requests.clear()
+        shardlib._fetch_manifest.cache_clear()
+        shards = shardlib.resolve(spec)
+        assert shards.counts == truth and shards.info["num_classes"] == 3
+        assert dict(srv.requests) == {INFO_NAME: 1}
+        (folder / INFO_NAME).unlink()
+        capsys.readouterr()
+        assert run(["shards", "index", str(out), "--split", f"train={spec}"]) == 2  # exists
+        assert run(["shards", "index", str(tmp_path / "x.json"), "--split", f"train={spec}"]) == 2  # wrong name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and "exists; pass --overwrite" in err[0] and f"must be named {INFO_NAME}" in err[1], err
+    finally:
+        (folder / "hidden.json").rename(folder / INFO_NAME)

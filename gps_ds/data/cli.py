@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 _OPTION_FIELDS = ("shard_size", "workers", "overwrite", "seed", "shuffle", "few_shot", "lossless", "verify", "progress")
@@ -80,7 +81,7 @@ def _split_arg(text: str) -> tuple[str, list[str]]:
 
 def add_shards_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``imagefolder``, ``imagenet``, ``vtab``, ``fgvc``, ``splits``, ``kvasir``,
-    ``digits-seg``, ``mnist``, ``digits`` and ``info`` to ``subparsers`` (those of ``gps-ds shards``)."""
+    ``digits-seg``, ``mnist``, ``digits``, ``index`` and ``info`` to ``subparsers`` (those of ``gps-ds shards``)."""
     from . import datasets as ds
 
     p = subparsers.add_parser("imagefolder", help="class folders root/<class>/<image> -> one split")
@@ -158,10 +159,35 @@ def add_shards_subcommands(subparsers: argparse._SubParsersAction) -> None:
         _common(p)
         p.set_defaults(func=_runner(lambda a, fn=fn: (fn(a.out, a.test_size, **_options(a)), a.out)))
 
+    p = subparsers.add_parser("index", help="count existing shards (e.g. written by another tool) and write the "
+                                            "_info.json that spares every rank counting them")
+    p.add_argument("out", help="the manifest to write, .../_info.json; put it beside the shards")
+    p.add_argument("--split", dest="splits", action="append", type=_split_spec, required=True,
+                   metavar="NAME=URLS", help="a split and its shards (webdataset spec: path, brace pattern, URL)")
+    p.add_argument("--num-classes", type=int, help="recorded as num_classes (else data.num_classes is needed)")
+    p.add_argument("--workers", type=int, default=4, help="shards read at once (default 4)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
+    p.set_defaults(func=_runner(_index))
+
     p = subparsers.add_parser("info", help="show a shard folder's _info.json summary")
     p.add_argument("folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
+
+
+def _split_spec(text: str) -> tuple[str, str]:
+    name, sep, spec = text.partition("=")
+    if not sep or not name or not spec:
+        raise argparse.ArgumentTypeError(f"expected NAME=URLS, got {text!r}")
+    return name, spec
+
+
+def _index(a: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from .shards import write_index
+
+    return write_index(a.out, dict(a.splits), num_classes=a.num_classes, workers=a.workers,
+                       overwrite=a.overwrite), str(Path(a.out).parent)
 
 
 def _digits_seg(a: argparse.Namespace) -> tuple[dict[str, Any], str]:

@@ -28,7 +28,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
-from .writer import INFO_NAME
+from .writer import FORMAT, INFO_NAME
 
 
 def is_local(url: str) -> bool:
@@ -72,8 +72,8 @@ class ShardSet:
             where = sorted({os.path.dirname(self.urls[i]) or "." for i in unknown})
             print(f"gps-ds data: no {INFO_NAME} gives the sample counts of {len(unknown)} shard(s) in "
                   f"{', '.join(where[:3])}{' ...' if len(where) > 3 else ''}: counting them by reading each "
-                  f"shard once, split over {world} rank(s); shards written by 'gps-ds shards' carry the "
-                  f"counts in {INFO_NAME}", file=sys.stderr)
+                  f"shard once, split over {world} rank(s); 'gps-ds shards index' writes the {INFO_NAME} that "
+                  f"spares this (put it beside the shards)", file=sys.stderr)
         found = [0] * len(unknown)
         for j in range(rank, len(unknown), world):
             found[j] = count_samples(self.urls[unknown[j]], handler)
@@ -215,3 +215,46 @@ def resolve(spec: Union[str, Sequence[str]], split: Union[str, Sequence[str]] = 
     if not urls:
         raise ValueError(f"no shards in {spec!r}")
     return ShardSet(urls, counts, info)
+
+
+def write_index(out: Union[str, os.PathLike], splits: dict[str, str], *, num_classes: Optional[int] = None,
+                workers: int = 4, overwrite: bool = False) -> dict[str, Any]:
+    """Count the shards of each split (``{split: webdataset spec}``, e.g. shards written by another
+    tool) and write the manifest ``out`` (an ``_info.json``) that :func:`resolve` reads instead of
+    counting. The shards of one manifest must share a folder (the manifest goes beside them:
+    copy it there when they are remote). Returns the manifest."""
+    import concurrent.futures as cf
+
+    from .corrupt import CorruptCounter
+
+    out = Path(out)
+    if out.name != INFO_NAME:
+        raise ValueError(f"the manifest must be named {INFO_NAME} (the readers look for that name), got {out}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    info: dict[str, Any] = {"format": FORMAT, "kind": "index", "classes": None, "num_classes": num_classes,
+                            "splits": {}}
+    folders = set()
+    for split, spec in splits.items():
+        urls = expand_urls(spec)
+        if not urls:
+            raise ValueError(f"split {split!r}: no shards in {spec!r}")
+        folders |= {u.rsplit("/", 1)[0] if "/" in u else "." for u in urls}
+        counter = CorruptCounter()
+        with cf.ThreadPoolExecutor(max(1, workers)) as pool:  # reading is I/O: threads suffice
+            counts = list(pool.map(lambda u: count_samples(u, counter.handler), urls))
+        if counter.total:
+            raise ValueError(f"split {split!r}: {counter.total} shard(s) could not be read to the end "
+                             f"({counter.counts()}); fix or drop them before indexing")
+        names = [u.rsplit("/", 1)[-1] for u in urls]
+        if len(set(names)) != len(names):
+            raise ValueError(f"split {split!r}: two shards share a file name")
+        info["splits"][split] = {"size": sum(counts), "skipped": 0, "skipped_keys": [],
+                                 "shards": [{"name": n, "samples": c} for n, c in zip(names, counts)]}
+    if len(folders) > 1:
+        raise ValueError(f"the shards of one manifest must share a folder, got {sorted(folders)[:3]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(info, sort_keys=True, indent=1) + "\n")
+    tmp.replace(out)
+    return info
