@@ -99,6 +99,16 @@ def test_plumbing_with_a_stand_in_trainer(tmp_path, monkeypatch):
     assert BT.goal_line(r) is None  # the goal names ViT-B/16 only
 
 
+def test_goal_line_basis():
+    def result(other_cores):
+        res = {"gps-sparse": {"x_full_images_per_s": 4.0, "x_full_cpu": 1.30}, "full": {}}
+        return {"k": 1, "results": {BT.GOAL_MODEL: res}, "machine": {"cores": 2, "other_load_cores": other_cores}}
+
+    assert "4.000x by wall-clock images/s: met" in BT.goal_line(result(0.1))
+    loaded = BT.goal_line(result(1.5))  # judged by CPU time: 1.30 < 1.35
+    assert "1.300x by process CPU time per step (other processes loaded the machine): **missed**" in loaded
+
+
 def test_bad_arguments_one_line(capsys):
     assert run(["bench", "trainer", "--steps", "2", "--log-every", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

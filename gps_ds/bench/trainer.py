@@ -251,15 +251,24 @@ GOAL_MODEL, GOAL_RATIO = "vit_base_patch16_224", 1.35
 
 
 def goal_line(result: dict[str, Any]) -> str | None:
-    """Issue 12's goal: gps-sparse >= 1.35x full's images/s on ViT-B/16 at K=1."""
+    """Issue 12's goal: gps-sparse >= 1.35x full's images/s on ViT-B/16 at K=1. Judged by wall-clock
+    images/s on a quiet machine; when other processes used more than a quarter of the cores, by
+    process CPU time per step (the runs of the methods are minutes apart, so a load spike during one
+    of them moves the wall-clock ratio by any amount)."""
     res = result["results"].get(GOAL_MODEL, {})
     if result["k"] != 1 or "gps-sparse" not in res or "full" not in res:
         return None
     wall = res["gps-sparse"]["x_full_images_per_s"]
     cpu = res["gps-sparse"]["x_full_cpu"]
-    verdict = "met" if wall >= GOAL_RATIO else f"**missed** ({wall:.3f} < {GOAL_RATIO})"
-    return (f"Goal (issue 12): gps-sparse >= {GOAL_RATIO}x full's images/s on {GOAL_MODEL}, K=1: "
-            f"{wall:.3f}x by the trainer's images/s: {verdict}; by process CPU time per step {cpu:.3f}x.")
+    m = result["machine"]
+    loaded = m.get("other_load_cores") is not None and m["other_load_cores"] > 0.25 * (m.get("cores") or 1)
+    value, basis = (cpu, "process CPU time per step") if loaded and cpu else (wall, "wall-clock images/s")
+    verdict = "met" if value >= GOAL_RATIO else f"**missed** ({value:.3f} < {GOAL_RATIO})"
+    other = (f"wall-clock images/s {wall:.3f}x, not comparable under that load" if basis.startswith("process")
+             else f"by process CPU time per step {cpu:.3f}x")
+    why = " (other processes loaded the machine)" if loaded else ""
+    return (f"Goal (issue 12): gps-sparse >= {GOAL_RATIO}x full's images/s on {GOAL_MODEL}, K=1: {value:.3f}x by "
+            f"{basis}{why}: {verdict}; {other}.")
 
 
 def section(result: dict[str, Any], command: str) -> tuple[str, str, str]:
