@@ -148,6 +148,8 @@ class SparseLinearFunction(torch.autograd.Function):
                     table = plan.cached("csr", lambda: csr_layout(plan.local, plan.valid))
                 elif path == "fused":
                     table = plan.cached("fused", lambda: fused_index(plan.local, x2.shape[1]))
+                elif path == "triton":  # int32 columns, converted once per selection
+                    table = plan.cached("int32", lambda: plan.local.to(torch.int32))
                 if path == "fused" and want_bias:  # the bias gradient in the same pass over g2
                     gv, gb = fused_grads(g2, x2, plan.local, plan.valid, table)
                     grad_values, grad_bias = gv.to(values.dtype), gb.to(bias.dtype)

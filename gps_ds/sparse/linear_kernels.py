@@ -218,7 +218,7 @@ def sampled_product(
     """out[r, k] = sum_m g2[m, r] * x2[m, idx[r, k]] by the named kernel path.
 
     ``table``: the path's precomputed index table, if cached (``csr_layout`` for sddmm,
-    ``fused_index`` for fused)."""
+    ``fused_index`` for fused, int32 columns for triton)."""
     if path == "gather":
         return sampled_gather(g2, x2, idx, valid, chunk_elems)
     if path == "fused":
@@ -230,5 +230,5 @@ def sampled_product(
     if path == "triton":
         from .triton_kernels import sampled_triton
 
-        return sampled_triton(g2, x2, idx, valid)
+        return sampled_triton(g2, x2, idx if table is None else table, valid)
     raise ValueError(f"unknown sampled-product path {path!r}; use 'gather', 'fused', 'sddmm', 'dense' or 'triton'")
