@@ -2,10 +2,12 @@
 
 The test installs Slurm and MUNGE from Debian's packages when missing (`.ci/slurm-setup.sh`),
 starts munged, slurmctld and slurmd on localhost with their own key, ports, state folder and
-slurm.conf (cgroup-free, no accounting), submits the batch script for two CPU ranks on a tiny
-digits job, and checks that both ranks ran, the run wrote its delta into an output folder named
-after the job id, and MLflow got the experiment named by MLFLOW_EXPERIMENT_NAME. Every wait has
-a deadline; the daemons are stopped and their state removed whatever happens.
+slurm.conf (cgroup-free, no accounting), submits the batch script twice for two CPU ranks on a
+tiny digits GPS job, and checks that both ranks ran, each run wrote its delta into an output
+folder named after the job id, and MLflow got the experiment named by MLFLOW_EXPERIMENT_NAME;
+one of the two jobs gets USR1 mid-epoch, requeues itself and must end with the other's delta,
+bit for bit. Every wait has a deadline; the daemons are stopped and their state removed
+whatever happens.
 
 Skipped only where Slurm cannot be installed or run (not root, no apt-get, apt-get failing), and
 then loudly: the skip names what is missing, raises a warning (warnings summary) and adds a
@@ -308,25 +310,6 @@ def cluster(request):
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def digits_job(tmp_path):
-    from gps_ds.data.datasets import write_digits
-
-    shards = tmp_path / "shards"
-    write_digits(shards, test_size=0.5)
-    config = {
-        "model": {"name": "test_vit", "img_size": 32, "num_classes": 10},
-        "data": {"train": str(shards), "test": str(shards), "recipe": "digits", "image_size": 32, "workers": 0},
-        "train": {"method": "linear", "epochs": 1, "lr": 0.01},
-        "deepspeed": {"train_micro_batch_size_per_gpu": 32},
-        "output": {"dir": str(tmp_path / "runs" / "digits")},
-        "tracking": {"enabled": True},
-    }
-    path = tmp_path / "digits.json"
-    path.write_text(json.dumps(config))
-    return path, config
-
-
 def _job_path() -> str:
     """The job's PATH: this process's own, as for the suite's other multi-rank tests, so that
     DeepSpeed's op build finds the same `ninja` (two ninja versions writing one build folder in
@@ -346,64 +329,6 @@ def _warm_deepspeed_cpu_op() -> None:
     assert proc.returncode == 0, f"DeepSpeed's CPU op does not build:\n{proc.stderr[-3000:]}"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
-def test_train_sbatch_two_cpu_ranks(cluster, digits_job, tmp_path):
-    config_path, config = digits_job
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
-    started = time.monotonic()
-    _warm_deepspeed_cpu_op()
-    warmed = time.monotonic()
-    env = {
-        "PATH": _job_path() + ":/usr/sbin:/sbin",
-        "PYTHON": sys.executable,
-        "GPS_DS_ROOT": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "MLFLOW_EXPERIMENT_NAME": "slurm-test",
-        "GPS_DS_COLLECTIVE_TIMEOUT": "180",
-    }
-    job = cluster.submit([
-        "--job-name=gpsds-test", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
-        f"--output={log_dir}/%x-%j.out", str(SBATCH), str(config_path), "--quiet",
-    ], env)
-    job_out = log_dir / f"gpsds-test-{job}.out"
-    try:
-        fields = cluster.wait(job, JOB_TIMEOUT_S)
-    except TimeoutError as err:
-        pytest.fail(f"{err}\n--- job output\n{_tail(job_out, 60)}\n{cluster.logs()}")
-    print(f"slurm test: DeepSpeed CPU op ready in {warmed - started:.0f} s, job {job} ran "
-          f"{fields.get('RunTime')} ({time.monotonic() - warmed:.0f} s from submission)")
-    text = job_out.read_text(errors="replace") if job_out.exists() else ""
-    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", (
-        f"job {job}: {fields.get('JobState')} exit {fields.get('ExitCode')}\n--- job output\n{_tail(job_out, 60)}")
-
-    # Both ranks ran, with the variables derived from Slurm's.
-    port = 10000 + int(job) % 20000
-    for rank in (0, 1):
-        assert f"gps-ds slurm: rank {rank}/2 local {rank}/2 node 0/1" in text, text
-    assert f"master {NODE}:{port}" in text, text
-    assert "MLFLOW_EXPERIMENT_NAME" in text, text
-
-    # One output folder per job: the config's output.dir with the job id appended.
-    out = Path(config["output"]["dir"] + f"-{job}")
-    assert (out / "delta_last.safetensors").is_file(), f"{out} holds {sorted(p.name for p in out.glob('*'))}\n{text}"
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == "linear" and summary["test"]["top1"] is not None
-    assert json.loads((out / "run.json").read_text())["world_size"] == 2
-
-    from gps_ds.delta import load_delta
-
-    assert load_delta(out / "delta_last.safetensors").whole, "the delta holds no trained tensor"
-
-    # MLFLOW_EXPERIMENT_NAME reached the run (embedded sqlite store in the output folder).
-    with sqlite3.connect(out / "mlflow.db") as db:
-        names = {row[0] for row in db.execute("select name from experiments")}
-        statuses = {row[0] for row in db.execute("select status from runs")}
-    assert "slurm-test" in names, names
-    assert statuses == {"FINISHED"}, statuses
-
-
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 
@@ -420,14 +345,37 @@ def _wait_final(cluster: Cluster, job: str, timeout: float) -> dict[str, str]:
         time.sleep(1)
 
 
+def _check_job(job: str, out: Path, text: str, method: str) -> None:
+    """What every job of the real cluster must show: both ranks ran with the variables derived
+    from Slurm's, the output folder is named after the job id, the MLflow run landed in the
+    experiment named by MLFLOW_EXPERIMENT_NAME and finished."""
+    from gps_ds.delta import load_delta
+
+    port = 10000 + int(job) % 20000
+    for rank in (0, 1):
+        assert f"gps-ds slurm: rank {rank}/2 local {rank}/2 node 0/1" in text, text[-4000:]
+    assert f"master {NODE}:{port}" in text, text[-4000:]
+    assert "MLFLOW_EXPERIMENT_NAME" in text, text[-4000:]
+    assert (out / "delta_last.safetensors").is_file(), f"{out} holds {sorted(p.name for p in out.glob('*'))}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["test"]["top1"] is not None
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert load_delta(out / "delta_last.safetensors").whole, "the delta holds no trained tensor"
+    with sqlite3.connect(out / "mlflow.db") as db:  # embedded sqlite store in the output folder
+        names = {row[0] for row in db.execute("select name from experiments")}
+        statuses = [row[0] for row in db.execute("select status from runs")]
+    assert "slurm-test" in names, names
+    assert statuses == ["FINISHED"], statuses  # a requeued job continues its one run
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S + JOB_TIMEOUT_S)
-def test_usr1_mid_epoch_requeues_and_ends_with_the_uninterrupted_delta(cluster, tmp_path):
-    """Two copies of one 2-rank GPS job side by side: one runs through; the other gets USR1 (what
-    --signal=B:USR1@300 sends before the time limit) once its first mid-epoch checkpoint exists,
-    requeues itself, comes back with --resume and must end with the same delta, bit for bit, as
-    the uninterrupted one (the resumed run winds the epoch's stream forward and restores every
-    rank's random states)."""
+def test_train_sbatch_two_cpu_ranks(cluster, tmp_path):
+    """Two copies of one 2-rank GPS job, submitted with train.sbatch, side by side: one runs
+    through; the other gets USR1 (what --signal=B:USR1@300 sends before the time limit) once its
+    first mid-epoch checkpoint exists, requeues itself, comes back with --resume and must end with
+    the same mask and delta, bit for bit, as the uninterrupted one (the resumed run winds the
+    epoch's stream forward and restores every rank's random states)."""
     from safetensors.torch import load_file
 
     from gps_ds.data.datasets import write_digits
@@ -442,51 +390,59 @@ def test_usr1_mid_epoch_requeues_and_ends_with_the_uninterrupted_delta(cluster, 
         "train": {"method": "gps", "epochs": 2, "lr": 0.003, "optimizer": "adamw", "weight_decay": 0.05},
         "deepspeed": {"train_micro_batch_size_per_gpu": 16},
         "output": {"checkpoint_every_steps": 3},
-        "tracking": {"enabled": False},
+        "tracking": {"enabled": True},
     }
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
+    started = time.monotonic()
     _warm_deepspeed_cpu_op()
+    warmed = time.monotonic()
     env = {"PATH": _job_path() + ":/usr/sbin:/sbin", "PYTHON": sys.executable, "GPS_DS_ROOT": str(REPO),
-           "HF_HUB_OFFLINE": "1", "GPS_DS_COLLECTIVE_TIMEOUT": "180"}
+           "HF_HUB_OFFLINE": "1", "MLFLOW_EXPERIMENT_NAME": "slurm-test", "GPS_DS_COLLECTIVE_TIMEOUT": "180"}
     jobs, outs = {}, {}
     for name in ("through", "signalled"):
         config["output"]["dir"] = str(tmp_path / "runs" / name)
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(config))
-        jobs[name] = cluster.submit(["--job-name=gpsds-requeue", "--nodes=1", "--ntasks-per-node=2",
+        jobs[name] = cluster.submit(["--job-name=gpsds-test", "--nodes=1", "--ntasks-per-node=2",
                                      "--cpus-per-task=1", "--time=15", f"--output={log_dir}/%x-%j.out",
                                      str(SBATCH), str(path), "--quiet"], env)
+        # one output folder per job: the config's output.dir with the job id appended
         outs[name] = tmp_path / "runs" / f"{name}-{jobs[name]}"
     signalled = jobs["signalled"]
-    job_log = log_dir / f"gpsds-requeue-{signalled}.out"
+    logs = {name: log_dir / f"gpsds-test-{job}.out" for name, job in jobs.items()}
 
     # USR1 to the batch script as soon as the first periodic checkpoint is on disk (mid-epoch 0).
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (outs["signalled"] / "checkpoints" / "latest").is_file():
         state = cluster._job_fields(signalled).get("JobState")
         if state in FINAL_STATES or time.monotonic() > deadline:
-            pytest.fail(f"job {signalled} {state} before its first checkpoint\n{_tail(job_log, 60)}")
+            pytest.fail(f"job {signalled} {state} before its first checkpoint\n{_tail(logs['signalled'], 60)}")
         time.sleep(0.2)
     cluster._run(["scancel", "--batch", "--signal=USR1", signalled])
 
     try:
         fields = {name: _wait_final(cluster, job, JOB_TIMEOUT_S) for name, job in jobs.items()}
     except TimeoutError as err:
-        pytest.fail(f"{err}\n--- job output\n{_tail(job_log, 60)}\n{cluster.logs()}")
-    text = job_log.read_text(errors="replace")
+        pytest.fail(f"{err}\n--- job output\n{_tail(logs['signalled'], 60)}\n{cluster.logs()}")
+    print(f"slurm test: DeepSpeed CPU op ready in {warmed - started:.0f} s, jobs ran "
+          f"{fields['through'].get('RunTime')} / {fields['signalled'].get('RunTime')} (after its restart), "
+          f"{time.monotonic() - warmed:.0f} s from submission")
+    texts = {name: log.read_text(errors="replace") if log.exists() else "" for name, log in logs.items()}
     for name, f in fields.items():
-        assert (f.get("JobState"), f.get("ExitCode")) == ("COMPLETED", "0:0"), (name, f, text[-4000:])
+        assert (f.get("JobState"), f.get("ExitCode")) == ("COMPLETED", "0:0"), (name, f, _tail(logs[name], 60))
+        _check_job(jobs[name], outs[name], texts[name], "gps")
     assert fields["signalled"].get("Restarts") == "1", fields["signalled"]
     assert fields["through"].get("Restarts") == "0", fields["through"]
 
     # The log (appended across both starts) shows the requeue and a resume from inside epoch 0.
+    text = texts["signalled"]
     assert f"USR1 (time limit near, or preemption notice): requeueing job {signalled}" in text, text[-4000:]
     assert f"restart 1 of job {signalled}: resuming the run in {outs['signalled']}" in text, text[-4000:]
     resumed = re.search(r"resuming from \S+ \(epoch (\d+), batch (\d+), step (\d+)\)", text)
     assert resumed, text[-4000:]
     epoch, batch, step = map(int, resumed.groups())
-    assert step >= 3 and step < 2 * config["data"]["steps_per_epoch"], resumed.group(0)  # not a finished run
+    assert 3 <= step < 2 * config["data"]["steps_per_epoch"], resumed.group(0)  # not a finished run
     assert (epoch, batch) != (0, 0)
 
     # Same selection and delta, bit for bit, and the same test result (no data.val: no best delta).
