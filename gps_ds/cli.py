@@ -134,8 +134,16 @@ def cmd_delta_merge(args) -> int:
     # The delta's own method merges it (gps/full/...: entries and whole tensors; lora: W + (alpha/r) B A;
     # ssf: scale and shift folded into the layers; adapter/vpt refuse in one line).
     method = get_method(delta.meta.get("method", "gps"), json.loads(delta.meta.get("method_options", "{}")))
-    merged = method.merge(load_state_dict(args.base), delta, head)
-    save_state_dict(merged, args.out)
+    from gps_ds.methods.base import Method
+
+    if str(args.base).endswith(".safetensors") and type(method).merge is Method.merge:
+        from gps_ds.weights import merge_streaming
+
+        # Entries and whole tensors only: one base tensor in memory at a time (any model size).
+        merged = range(merge_streaming(args.base, delta, head, args.out))
+    else:
+        merged = method.merge(load_state_dict(args.base), delta, head)
+        save_state_dict(merged, args.out)
     print(f"wrote {args.out}: {len(merged)} tensors, {delta.num_selected():,} selected entries and "
           f"{len(delta.whole)} whole tensors from {args.delta}")
     return 0
