@@ -167,6 +167,28 @@ def test_cuda_rules_never_dense_at_small_k(monkeypatch):
     assert S.choose_linear_grad(m, 2304, 1, 768, torch.float32, torch.device("cpu")) != "triton"
 
 
+def test_bench_kernels_rows(capsys):
+    """`gps-ds bench kernels` on tiny ViT-like shapes: every path's entries agree with float64 (the
+    bench's own error column, checked here against a bound), the rule's pick is one of the timed
+    paths; under the interpreter the triton path is among them."""
+    from gps_ds.bench.kernels import bench_kernels
+    from gps_ds.cli import run
+
+    layers = (("a", 24, 16), ("b", 8, 40))
+    r = bench_kernels("cpu", batch=1, tokens=6, ks=(1, 3), dtypes=("float32", "bfloat16"), layers=layers, reps=1,
+                      warmup=0)
+    assert len(r["rows"]) == 2 * 2 * 2
+    for row in r["rows"]:
+        assert {"dense", "gather"} <= set(row["ms"]) and row["auto"] in row["ms"] and row["fastest"] in row["ms"]
+        assert ("triton" in row["ms"]) == INTERPRET
+        bound = 1e-5 if row["dtype"] == "float32" else 2e-2  # bf16 gather / dense round products to bf16
+        assert max(row["rel_error"].values()) <= bound, row
+        if "triton" in row["ms"]:
+            assert row["rel_error"]["triton"] <= 1e-5  # fp32 products and sums, also for bf16 inputs
+    assert run(["bench", "kernels", "--ks", "1,x"]) == 2
+    assert "--ks: expected a comma list of integers" in capsys.readouterr().err
+
+
 def test_cpu_tensors_refused_without_interpreter():
     from gps_ds.sparse import triton_kernels
 
@@ -187,7 +209,7 @@ def test_interpreter_on_cpu():
                           cwd=Path(__file__).resolve().parents[1])
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    # every kernel test ran: 6 linear + 2 splits + 2 module + 4 conv + the rule test (the refusal
-    # test skips itself under the interpreter)
+    # every kernel test ran: 6 linear + 2 splits + 2 module + 4 conv + the rule test + the bench rows
+    # (the refusal test skips itself under the interpreter)
     last = proc.stdout.strip().splitlines()[-1]
-    assert "15 passed, 1 skipped" in last, tail
+    assert "16 passed, 1 skipped" in last, tail
