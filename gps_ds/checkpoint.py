@@ -132,7 +132,7 @@ def check_identity(identity: RunIdentity, saved: Mapping[str, Any], where: Path)
     problems = identity.mismatches(saved)
     if problems:
         raise CheckpointError(f"cannot resume from {where}: " + "; ".join(problems)
-                              + " (resume with the run's world size and selection, or start a new run)")
+                              + " (resume with the run's world size, method, mode, K and selection, or start a new run)")
 
 
 # --------------------------------------------------------------------------- random states

@@ -164,6 +164,40 @@ def test_resume_refuses_another_selection(digits, tmp_path, uninterrupted, capsy
     assert (out / "mask.safetensors").read_bytes() == before  # the run's own mask is left alone
 
 
+@pytest.mark.parametrize("sets, message", [
+    ({"train__method": "bitfit"}, "method 'gps' in the checkpoint, 'bitfit' now"),
+    ({"gps__mode": "masked"}, "mode 'sparse' in the checkpoint, 'masked' now"),
+    ({"gps__k": 2}, "--resume: the run's mask has K=1, the config asks for gps.k=2"),
+], ids=["method", "mode", "k"])
+def test_resume_refuses_another_method_mode_or_k(digits, tmp_path, uninterrupted, capsys, sets, message):
+    out = copy_run(uninterrupted[0], tmp_path / "run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".json"}
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(raw_cfg(digits, out, **sets)))
+    assert run(["train", "--config", str(cfg_file), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err, err
+    assert {p: p.read_bytes() for p in before} == before  # deltas, mask and checkpoints untouched
+
+
+def test_masked_mode_resume_equals_uninterrupted(digits, tmp_path, monkeypatch):
+    """Masked mode (dense weights, masked gradients): interrupted mid-epoch and resumed, the run
+    ends bit-identical to an uninterrupted one."""
+    sets = dict(gps__mode="masked", train__ema_decay=None)
+    ref = tmp_path / "full"
+    Trainer(validate_config(raw_cfg(digits, ref, **sets)), show_progress=False).run()
+    out = tmp_path / "cut"
+    cfg = validate_config(raw_cfg(digits, out, **sets))
+    stopped = run_interrupted(cfg, 1, monkeypatch)
+    assert (stopped.epoch, stopped.batch, stopped.step) == (0, 3, 3)
+    states = torch.load(checkpoint_root(out) / latest_tag(out) / "mp_rank_00_model_states.pt", weights_only=True)
+    assert not any(k.endswith("gps_indices") for k in states["module"])  # dense weights, not sparse modules
+    Trainer(cfg, resume=True, show_progress=False).run()
+    assert_same_delta(ref / "delta_best.safetensors", out / "delta_best.safetensors")
+    assert_same_delta(ref / "delta_last.safetensors", out / "delta_last.safetensors")
+    assert (out / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
+
+
 def test_resume_refuses_a_half_written_checkpoint(digits, tmp_path, uninterrupted, capsys):
     out = copy_run(uninterrupted[0], tmp_path / "run")
     (checkpoint_root(out) / latest_tag(out) / STATE_FILE).unlink()
