@@ -298,6 +298,9 @@ def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.Argume
     global _RESULT_STREAM
     args = parser_factory().parse_args(argv)
     _RESULT_STREAM = sys.stdout
+    from gps_ds.testing.device_guard import enable_from_env
+
+    enable_from_env()  # GPS_DS_DEVICE_GUARD=1: CPU-only tests of device placement (docs/distributed.md)
     try:
         if getattr(args, "noisy", False):
             with contextlib.redirect_stdout(sys.stderr):

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gps_ds.testing.device_guard import check_collective
+
 # A rank that dies makes the others fail in a collective after this long instead of hanging.
 DEFAULT_TIMEOUT_S = int(os.environ.get("GPS_DS_COLLECTIVE_TIMEOUT", "600"))
 
@@ -109,6 +111,7 @@ def barrier() -> None:
 def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
     """Exact sums across ranks (float64), e.g. (correct, count, loss_sum)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
+    check_collective("all_reduce_sum", t)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
@@ -117,6 +120,7 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce of a tensor that stays on its own device (NCCL refuses CPU tensors);
     a no-op in one process. Returns `t`."""
+    check_collective("all_reduce_", t)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return t
@@ -132,9 +136,10 @@ def broadcast_object(obj, src: int = 0):
 
 def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank iff `flag` is true on every rank (one small all-reduce)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    check_collective("all_true", t)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 

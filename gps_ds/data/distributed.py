@@ -13,9 +13,9 @@ Number = Union[int, float, torch.Tensor]
 def _device(device: Optional[Union[str, torch.device]]) -> torch.device:
     if device is not None:
         return torch.device(device)
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    from gps_ds.distributed import accelerator_device
+
+    return accelerator_device()  # gloo on a CPU machine: the CPU; nccl: this rank's GPU
 
 
 def reduce_sums(values: Sequence[Number], device: Optional[Union[str, torch.device]] = None) -> list[Number]:

@@ -142,12 +142,12 @@ def _distributed() -> bool:
 
 
 def _comm_device() -> torch.device:
-    """Where collective buffers live: CPU for gloo, the accelerator for nccl (and the like)."""
-    if not _distributed() or dist.get_backend() == "gloo":
-        return torch.device("cpu")
-    from deepspeed.accelerator import get_accelerator
+    """Where collective buffers live: the accelerator (gloo on a CPU machine: the CPU, which is
+    the accelerator there; nccl: the GPU). Not "CPU whenever gloo": the device guard's CPU runs
+    stand in for NCCL ones (docs/distributed.md)."""
+    from gps_ds.distributed import accelerator_device
 
-    return torch.device(get_accelerator().current_device_name())
+    return accelerator_device()
 
 
 def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:

@@ -122,10 +122,9 @@ class SegmentationMeter:
     def compute(self) -> dict[str, Optional[float]]:
         """``{"mdice", "miou", "count", "eval_loss"}`` over all ranks (``nan`` scores when
         no image was counted; ``eval_loss`` None when no losses were given)."""
-        sums = self.sums.clone()
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
+        from gps_ds import distributed as D
+
+        sums = D.all_reduce_(self.sums.clone())
         dice, iou, count, loss, loss_count = sums.tolist()  # the one host read
         return {
             "mdice": dice / count if count else float("nan"),

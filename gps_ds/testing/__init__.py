@@ -1,0 +1,1 @@
+"""Test helpers that ship with the package (usable from subprocess runs through the CLI)."""
