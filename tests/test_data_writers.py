@@ -77,6 +77,30 @@ def test_imagefolder_deterministic_across_workers(folder, tmp_path):
     assert order != sorted(order)
 
 
+def test_write_tar_is_byte_deterministic_whatever_the_clock(tmp_path, monkeypatch):
+    """Shards come from webdataset's TarWriter with a fixed mtime: the same samples written at two
+    different times give the same bytes, and webdataset's reader gives the samples back in order."""
+    import webdataset as wds
+    import webdataset.writer
+
+    from gps_ds.data.tario import write_tar
+
+    samples = [(f"k{i}", {"jpg": bytes([i]) * (100 + i), "cls": str(i % 3).encode()}) for i in range(5)]
+    samples.append(("empty", {"jpg": b"", "cls": b""}))
+    paths = []
+    for i, clock in enumerate((1.0e9, 2.0e9 + 0.5)):
+        monkeypatch.setattr(webdataset.writer.time, "time", lambda c=clock: c)
+        paths.append(tmp_path / f"s{i}.tar")
+        assert write_tar(str(paths[-1]), samples) == len(samples)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert all(m.mtime == 0 and m.mode == 0o444 and m.uname == "" for m in _members(paths[0]))
+    read = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+            for s in wds.WebDataset(str(paths[0]), shardshuffle=False)]
+    assert read == [(k, dict(f)) for k, f in samples]
+    with pytest.raises(ValueError, match="must not contain"):
+        write_tar(str(tmp_path / "bad.tar"), [("a.b", {"jpg": b"x"})])
+
+
 def test_seed_changes_order_only(folder, tmp_path):
     a = ds.write_imagefolder(folder, tmp_path / "a", shard_size=100, seed=0, progress=False)
     b = ds.write_imagefolder(folder, tmp_path / "b", shard_size=100, seed=1, progress=False)

@@ -1,27 +1,19 @@
-"""Deterministic tar writing: same samples in, byte-identical shard out.
+"""Deterministic tar writing on webdataset's own ``TarWriter``: same samples in, byte-identical
+shard out.
 
-Every member gets the same mtime, owner and mode, and members are written in the
-order given, so a shard depends only on its samples."""
+``TarWriter`` stamps every member with ``time.time()`` unless given ``mtime``; here every member
+gets mtime 0, no owner names and mode 0444, and members are written in the order of the samples
+(within a sample, TarWriter orders the files by extension), so a shard depends only on its
+samples."""
 
 from __future__ import annotations
 
-import io
-import tarfile
 from typing import Iterable, Mapping
+
+import webdataset as wds
 
 MTIME = 0
 MODE = 0o444
-
-
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = MTIME
-    info.mode = MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
 
 
 def write_tar(path: str, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> int:
@@ -30,11 +22,10 @@ def write_tar(path: str, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> 
     Keys must not contain a dot (webdataset splits the name at the first dot).
     Returns the number of samples written."""
     n = 0
-    with open(path, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    with wds.TarWriter(str(path), user="", group="", mode=MODE, mtime=MTIME, encoder=False) as tar:
         for key, files in samples:
             if "." in key or "/" in key:
                 raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
-            for ext, data in files.items():
-                tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            tar.write({"__key__": key, **files})
             n += 1
     return n

@@ -100,7 +100,7 @@ def encode_mask(path: str) -> tuple[bytes, tuple[int, int]]:
 
 
 def encode_item(item: Item, lossless: bool = False, verify: bool = True) -> dict[str, bytes]:
-    """The files of one sample, in a fixed order: image, ``cls``, ``mask.png``, extras."""
+    """The files of one sample: image, ``cls``, ``mask.png``, extras (written ordered by extension)."""
     ext, data, size = encode_image(item.image, lossless, verify)
     files = {ext: data}
     if item.label is not None:
