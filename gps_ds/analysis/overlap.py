@@ -115,8 +115,9 @@ def _draw_venn(ax, result: dict[str, Any]) -> None:
     colors = ["#3b75af", "#ef8636", "#519e3e"]
     for (x, y), c, label in zip(centers, colors, labels):
         ax.add_patch(Circle((x, y), 0.9, alpha=0.3, color=c))
-        ly = y + (1.0 if y >= 0 else -1.05)
-        ax.text(x * 1.6, ly, f"{label}\n{result['per_task'][label]:,}", ha="center", va="center", fontsize=9)
+        above = y >= 0 and n == 3 or n == 2
+        ax.text(x * 1.6, y + (0.95 if above else -1.0), f"{label}: {result['per_task'][label]:,}",
+                ha="center", va="bottom" if above else "top", fontsize=9)
     total = max(result["union"], 1)
     for m in range(1, 2 ** n):
         members = [t for t in range(n) if m >> t & 1]
@@ -132,7 +133,7 @@ def _draw_venn(ax, result: dict[str, Any]) -> None:
         count = result["regions"][key]
         ax.text(x, y, f"{count:,}\n{100 * count / total:.1f}%", ha="center", va="center", fontsize=8)
     ax.set_xlim(-1.8, 1.8)
-    ax.set_ylim(-1.8, 1.8)
+    ax.set_ylim(-1.9, 1.6)
     ax.set_aspect("equal")
     ax.axis("off")
     ax.set_title(f"selected entries ({result['union']:,} in the union)")
