@@ -81,7 +81,7 @@ def analyze_tsne(cfg, delta_path: str, split: str = "test", max_samples: int = 1
         xy = embed(feats[key], seed, perplexity)
         result[key] = {**feature_scores(feats[key], labels), "embedding": np.round(xy, 4).tolist()}
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10" if labels.max() < 10 else "tab20", s=8)
-        ax.set_title(f"{key} fine-tuning ({delta.meta.get('method', '?')}): silhouette "
+        ax.set_title(f"{key} fine-tuning ({delta.meta.get('method', '?')})\nsilhouette "
                      f"{result[key]['silhouette']:.2f}, 5-NN {100 * result[key]['knn_accuracy']:.1f}%", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
