@@ -173,6 +173,7 @@ def test_select_and_eval_cli_under_the_guard(guarded_run, small_digits, tmp_path
     assert result["count"] == 64 and result["top1"] == pytest.approx(summary["test"]["top1"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_ranks_under_the_guard(small_digits, tmp_path, monkeypatch):
     """`deepspeed --num_gpus 2 launchers/train.py` with GPS_DS_DEVICE_GUARD=1: scoring under ZeRO
