@@ -133,11 +133,20 @@ class Trainer:
     def _build(self) -> None:
         from gps_ds.models import create_model_from_config
 
+        from gps_ds.zero_init import build_partitioned, partitioned_wanted, print_report
+
         seed_everything(self.cfg.train.seed)
-        self.model = create_model_from_config(self.cfg)
-        self.roles: ParamRoles = classify(self.model, self.cfg.model.family, self.cfg.gps.rules)
+        # ZeRO-3: partitioned from construction (no rank holds the whole model); `shapes` is a
+        # meta-device twin for what reads full shapes (rules, fingerprint, counts).
+        self.partitioned = partitioned_wanted(self.cfg, self.ds_config)
+        if self.partitioned:
+            self.model, self.shapes, report = build_partitioned(self.cfg, self.ds_config)
+            print_report(report)
+        else:
+            self.model = self.shapes = create_model_from_config(self.cfg)
+        self.roles: ParamRoles = classify(self.shapes, self.cfg.model.family, self.cfg.gps.rules)
         head = set(self.roles.head)
-        self.backbone_params = sum(p.numel() for n, p in self.model.named_parameters() if n not in head)
+        self.backbone_params = sum(p.numel() for n, p in self.shapes.named_parameters() if n not in head)
 
     def _selection(self) -> dict[str, torch.Tensor] | None:
         """The run's selection: a given mask, the run's own mask on resume, else the scoring pass."""
@@ -156,17 +165,17 @@ class Trainer:
         kwargs = dict(scheme=cfg.gps.scheme, k=cfg.gps.k, loss=cfg.gps.loss, temperature=cfg.gps.temperature,
                       seed=cfg.gps.seed, max_batches=cfg.gps.max_batches, progress=bar,
                       task_loss=self.task.task_score_loss())
-        if self.world > 1:
+        if self.world > 1 or self.partitioned:
             # Every rank scores its own data share and they agree on one selection (per-shard top-K).
             result = run_selection_zero(self.model, self.roles, batches, ds_config=self.ds_config, **kwargs)
-            if zero_stage(self.ds_config) == 3:
+            if zero_stage(self.ds_config) == 3 and not self.partitioned:
                 self._build()  # scoring left the parameters partitioned; start training from the same fresh model
         else:
             result = run_selection(self.model.to(self.device), self.roles, batches, **kwargs)
         bar.close()
         self.selection_seconds = result.seconds
         if self.rank == 0:
-            write_selection(str(mask_path), result, self.model, self.roles, k=cfg.gps.k, scheme=cfg.gps.scheme,
+            write_selection(str(mask_path), result, self.shapes, self.roles, k=cfg.gps.k, scheme=cfg.gps.scheme,
                             loss=cfg.gps.loss, model_name=cfg.model.name)
         return result.selection
 
@@ -199,7 +208,7 @@ class Trainer:
         cfg = self.cfg
         from gps_ds.selection.pipeline import candidate_fingerprint
 
-        self.fingerprint = candidate_fingerprint(self.model, self.roles)  # base names: methods may rename layers
+        self.fingerprint = candidate_fingerprint(self.shapes, self.roles)  # base names: methods may rename layers
         prepared = self.method.prepare(self.model, self.roles, selection, cfg.gps.mode)
         self.prepared: Prepared = prepared
         global_batch = self.micro_batch * int(self.ds_config["gradient_accumulation_steps"]) * self.world
@@ -218,7 +227,7 @@ class Trainer:
             # attach still moves the masked params into groups of their own with weight_decay=0.
             prepared.masked.attach(optimizer, mask_on_backward=not masked_hook)
         # Shapes and counts before ZeRO-3 partitions the parameters (they read as empty after).
-        self.counts = self.method.count(self.model, prepared)
+        self.counts = self.method.count(self.shapes if self.partitioned else self.model, prepared)
         self.identity = RunIdentity(world_size=self.world, method=cfg.train.method, mode=prepared.mode or "",
                                     k=cfg.gps.k if self.method.needs_selection else 0,
                                     selection_sha256=selection_sha256(selection), fingerprint=self.fingerprint)
@@ -269,7 +278,7 @@ class Trainer:
         engine.train()
         loader.set_epoch(epoch)
         first, self._resume_batch = self._resume_batch, 0
-        if self.resume_tag is not None and epoch == state.epoch:
+        if self.resume_tag is not None and epoch == state.epoch and not self.elastic_resume:
             # The random states are put back once the stream has been wound to where the run stopped.
             tag = self.resume_tag
             loader.skip_next(first, then=lambda: restore_rng(self.out, tag, self.rank))
@@ -459,6 +468,7 @@ class Trainer:
     # -- checkpoints and faults ------------------------------------------------------------------
     def _resume_point(self) -> str | None:
         """The checkpoint tag to continue from (checked against this run), or None."""
+        self.elastic_resume = False
         if not self.resume:
             return None
         tag = latest_tag(self.out)
@@ -467,14 +477,37 @@ class Trainer:
                 print(f"gps-ds train: {checkpoint_root(self.out)} holds no checkpoint; training restarts from "
                       f"epoch 0 with the run's selection", file=sys.stderr)
             return None
-        _, saved = read_state(self.out, tag)
-        check_identity(self.identity, saved, checkpoint_root(self.out) / tag)
+        state, saved = read_state(self.out, tag)
+        folder = checkpoint_root(self.out) / tag
+        if saved.get("world_size") != self.world and not self.identity.mismatches({**saved, "world_size": self.world}):
+            from gps_ds.elastic import check_elastic
+
+            # Another world size, otherwise the same run: only from the world-size-independent state.
+            check_elastic(folder, state, saved.get("world_size"), self.world, self._elastic_reason(), self._global_batch())
+            self.elastic_resume = True
+            return tag
+        check_identity(self.identity, saved, folder)
         return tag
+
+    def _elastic_reason(self) -> str | None:
+        from gps_ds.elastic import elastic_reason
+
+        if self.cfg.train.ema_decay is not None:
+            return "train.ema_decay is set (the EMA copy is not resharded)"
+        return elastic_reason(zero_stage(self.ds_config), self.cfg.train.method, self.prepared.mode or "")
+
+    def _global_batch(self) -> int:
+        return self.micro_batch * self.world * int(self.ds_config["gradient_accumulation_steps"])
 
     def _restore(self, tag: str) -> TrainState:
         state, _ = read_state(self.out, tag)
-        load_checkpoint(self.engine, self.out, tag, self.rank,
-                        ema_module=self.ema.module if self.ema is not None else None)
+        if self.elastic_resume:
+            from gps_ds.elastic import ELASTIC_FILE, load_elastic
+
+            load_elastic(self.engine, checkpoint_root(self.out) / tag / ELASTIC_FILE)
+        else:
+            load_checkpoint(self.engine, self.out, tag, self.rank,
+                            ema_module=self.ema.module if self.ema is not None else None)
         self._write_metrics(state.history)  # drop epochs logged after the checkpoint; they run again
         if self.rank == 0:
             print(f"gps-ds train: resuming from {checkpoint_root(self.out) / tag} (epoch {state.epoch}, "
@@ -484,7 +517,8 @@ class Trainer:
     def _checkpoint(self, state: TrainState) -> None:
         save_checkpoint(self.engine, self.out, state, self.identity, self.rank,
                         ema_module=self.ema.module if self.ema is not None else None,
-                        keep=self.cfg.output.keep_checkpoints)
+                        keep=self.cfg.output.keep_checkpoints,
+                        elastic_meta=None if self._elastic_reason() else {"global_batch": self._global_batch()})
 
     def _previous_run_id(self, resume_tag: str | None) -> str | None:
         marker = self.out / RUN_MARKER
