@@ -181,6 +181,8 @@ def cmd_ablate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gps-ds", description=__doc__)
+    parser.add_argument("--verbose", action="store_true", help="show DeepSpeed's start-up logs and op builds "
+                                                                "(also GPS_DS_VERBOSE=1); accepted after the command too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("count", help="count the parameters GPS trains, without data")
@@ -296,7 +298,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.ArgumentParser] = build_parser) -> int:
     global _RESULT_STREAM
-    args = parser_factory().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from gps_ds.verbosity import configure
+
+    # --verbose anywhere (before or after the sub-command, as launchers pass it): DeepSpeed's chatter
+    configure(verbose="--verbose" in argv or None)
+    args = parser_factory().parse_args([a for a in argv if a != "--verbose"])
     _RESULT_STREAM = sys.stdout
     from gps_ds.testing.device_guard import enable_from_env
 

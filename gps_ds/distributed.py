@@ -49,7 +49,10 @@ def init_distributed(timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+        from gps_ds.verbosity import quiet_prints
+
+        with quiet_prints():  # DeepSpeed prints its op builds here; shown with gps-ds --verbose
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
         # Torn down before the interpreter's own teardown: a gloo process group left to static
         # destructors sometimes aborts the exit ("terminate called without an active exception").
         import atexit

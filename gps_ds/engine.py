@@ -195,11 +195,20 @@ class Trainer:
         order = [n for n, _ in self.model.named_parameters() if n in selection]
         return {n: selection[n].long() for n in order}
 
+    @property
+    def data(self):
+        """`cfg.data` with mean/std, crop_pct and interpolation resolved from the model (config values win)."""
+        if getattr(self, "_data", None) is None:
+            from gps_ds.data.transforms import resolve_data
+
+            self._data = resolve_data(self.cfg.data, self.model)
+        return self._data
+
     def _score_loader(self):
         from gps_ds.data.loaders import make_score_loader
 
-        return make_score_loader(self.cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
-                                 two_view=self.cfg.gps.loss == "supcon")
+        return make_score_loader(self.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
+                                 two_view=self.cfg.gps.loss == "supcon", device=self.device)
 
     def _prepare(self, selection: dict[str, torch.Tensor] | None) -> None:
         """The method wraps the model; optimizer and DeepSpeed engine over what it trains."""
@@ -250,11 +259,12 @@ class Trainer:
         from gps_ds.data.loaders import make_eval_loader, make_train_loader
 
         cfg = self.cfg
-        self.train_loader = make_train_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch)
+        self.train_loader = make_train_loader(self.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
+                                              device=self.device)
         self.select_on = "val" if cfg.data.val is not None else "last"
         self.eval_split = "val" if self.select_on == "val" else "test"
-        self.eval_loader = make_eval_loader(cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
-                                            split=self.eval_split)
+        self.eval_loader = make_eval_loader(self.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
+                                            split=self.eval_split, device=self.device)
         self.steps_per_epoch = max(1, len(self.train_loader) // self.engine.gradient_accumulation_steps())
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.steps_per_epoch)
         self.ema = _build_ema(self.engine.module, cfg.train.ema_decay)
@@ -285,6 +295,7 @@ class Trainer:
         bar = progress(loader, rank=self.rank, enabled=self.show_progress, desc=f"epoch {epoch}",
                        unit="batch", initial=first, total=len(loader))
         every_ckpt = self.cfg.output.checkpoint_every_steps if self.cfg.output.checkpoints else 0
+        self.monitor.restart_clock()  # images/s of training only, not of the evaluation before
         for consumed, (inputs, targets) in enumerate(bar, start=first + 1):
             inputs, targets = self.task.to_device(inputs, targets, self.device, self.dtype)
             loss = self.task.train_loss(self.task.forward(engine, inputs, targets), targets)
@@ -319,7 +330,7 @@ class Trainer:
                                   "step_seconds": w.step_s}, self.state.step)
         if self.rank == 0 and self.show_progress and not sys.stderr.isatty():  # batch logs: plain lines
             print(f"epoch {epoch} batch {batch}/{len(self.train_loader)} step {self.state.step}: loss {w.loss:.4f} "
-                  f"lr {lr:.3g} {w.images_per_s:.1f} img/s", file=sys.stderr, flush=True)
+                  f"lr {lr:.3g} {w.images_per_s:.1f} img/s {w.step_s:.3f} s/step", file=sys.stderr, flush=True)
 
     def _end_epoch(self, epoch: int) -> None:
         cfg, state = self.cfg, self.state
@@ -351,6 +362,7 @@ class Trainer:
         if best is None or value > best["value"]:
             self.state.best = {"epoch": epoch, "metric": key, "value": value, "ema": ema > plain}
             self._save_delta(BEST, self.ema.module if ema > plain else self.engine.module)
+            self.tracker.log_artifacts([self.out / BEST])  # now, so that a run that crashes later keeps it
 
     def _final_test(self) -> dict[str, float] | None:
         """The test split, once: with validation, the best delta loaded back into the engine's model;
@@ -364,8 +376,8 @@ class Trainer:
         from gps_ds.data.loaders import make_eval_loader
 
         self._load_trained(self.out / BEST)
-        loader = make_eval_loader(self.cfg.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
-                                  split="test")
+        loader = make_eval_loader(self.data, self.rank, self.world, batch_size_per_rank=self.micro_batch,
+                                  split="test", device=self.device)
         test = evaluate_task(self.engine.module, loader, self.task, self.device, self.dtype)
         self.tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, self.state.step)
         self._pictures({"val": self.eval_loader, "test": loader})
@@ -441,13 +453,14 @@ class Trainer:
         # Whole-file replacements (temp file + os.replace): a full disk never leaves a run's files cut.
         atomic_write_text(self.out / "config.json", json.dumps(config_to_dict(self.cfg), indent=2))
         marker = {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri, "trainable": self.counts,
-                  "backbone_params": self.backbone_params, "world_size": self.world, "task": self.task.name}
+                  "backbone_params": self.backbone_params, "world_size": self.world, "task": self.task.name,
+                  "data": {k: getattr(self.data, k) for k in ("mean", "std", "crop_pct", "interpolation")}}
         atomic_write_text(self.out / RUN_MARKER, json.dumps(marker, indent=2))
         self.tracker.log_params(config_to_dict(self.cfg))
         share = {f"trainable_{k}_percent": 100.0 * v / self.backbone_params for k, v in self.counts.items()}
         self.tracker.log_metrics({**{f"trainable_{k}": v for k, v in self.counts.items()}, **share}, step=0)
         # What a crashed run must keep: the config and the selection, logged at the start.
-        self.tracker.log_artifacts([self.out / "config.json", self.out / "mask.safetensors"])
+        self.tracker.log_artifacts([self.out / "config.json", self.out / "mask.safetensors", self.out / RUN_MARKER])
         if self.prepared.selection is not None:
             from gps_ds.plots import plot_selection_distribution
 
@@ -462,7 +475,7 @@ class Trainer:
             atomic_write_text(self.out / "metrics.jsonl", lines)
 
     def _log_artifacts(self) -> None:
-        names = ["selection.png", BEST, LAST, "metrics.jsonl"]
+        names = ["selection.png", LAST, "metrics.jsonl"]  # the best delta: logged whenever written
         self.tracker.log_artifacts([self.out / n for n in names])
 
     # -- checkpoints and faults ------------------------------------------------------------------

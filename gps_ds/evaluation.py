@@ -73,6 +73,9 @@ def evaluate_delta(cfg, delta_path: str, split: str = "test") -> dict:
     delta = load_delta(delta_path)
     task = build_task(cfg)
     model = create_model_from_config(cfg)
+    from gps_ds.data.transforms import resolve_data
+
+    data = resolve_data(cfg.data, model)  # the model's normalisation and crop, as the trainer used
     roles = classify(model, cfg.model.family, cfg.gps.rules)
     expected = delta.meta.get("fingerprint")
     actual = candidate_fingerprint(model, roles)
@@ -82,7 +85,7 @@ def evaluate_delta(cfg, delta_path: str, split: str = "test") -> dict:
     method = get_method(delta.meta.get("method", "gps"), json.loads(delta.meta.get("method_options", "{}")))
     model = method.apply_delta(model, roles, delta).to(device)
     batch = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 32))
-    loader = make_eval_loader(cfg.data, rank, world, batch_size_per_rank=batch, split=split)
+    loader = make_eval_loader(data, rank, world, batch_size_per_rank=batch, split=split, device=device)
     metrics = evaluate_task(model, loader, task, device, torch.float32)
     return {"delta": str(delta_path), "split": split, "task": task.name, **metrics, "loss": metrics["eval_loss"],
             "model": cfg.model.name, "meta": json.loads(json.dumps(delta.meta))}

@@ -142,7 +142,10 @@ def test_training_learned(trained):
     from gps_ds.evaluation import evaluate
 
     cfg = trained["cfg"]
-    start = evaluate(fresh_model(cfg), make_eval_loader(cfg.data, 0, 1, batch_size_per_rank=64), "cpu",
+    from gps_ds.data.transforms import resolve_data
+
+    model = fresh_model(cfg)  # evaluated with the data settings the trainer resolves from it
+    start = evaluate(model, make_eval_loader(resolve_data(cfg.data, model), 0, 1, batch_size_per_rank=64), "cpu",
                      torch.float32).top1
     assert trained["summary"]["test"]["top1"] >= start + 5.0, (start, trained["summary"]["test"])
 

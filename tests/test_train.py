@@ -11,6 +11,7 @@ from gps_ds.delta import load_delta, merge_state_dict
 from gps_ds.engine import Trainer
 from gps_ds.seeding import seed_everything
 from gps_ds.data.loaders import make_eval_loader
+from gps_ds.data.transforms import resolve_data
 from gps_ds.evaluation import TrainingError, evaluate
 from gps_ds.models import create_model
 from gps_ds.rules import classify
@@ -135,8 +136,9 @@ def test_method_trains_only_its_parameters(digits, warm_backbone, tmp_path, meth
         assert delta.num_selected() == sum(before[n].shape[0] for n in roles.candidates)
     assert summary["trainable"]["total"] == delta.num_selected() + delta.num_whole() or method == "full"
     # Training learned: test top-1 rose well above the warm starting model's (41% here).
-    start = evaluate(initial_model(cfg), make_eval_loader(cfg.data, 0, 1, batch_size_per_rank=64), "cpu",
-                     torch.float32).top1
+    start_model = initial_model(cfg)  # evaluated with the data settings the trainer resolves from it
+    start = evaluate(start_model, make_eval_loader(resolve_data(cfg.data, start_model), 0, 1, batch_size_per_rank=64),
+                     "cpu", torch.float32).top1
     assert summary["test"]["top1"] >= start + 5.0, (start, summary["test"])
 
 

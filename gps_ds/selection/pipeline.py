@@ -99,8 +99,11 @@ def select_from_config(cfg, out: str, scores_out: str | None = None, show_progre
     roles = classify(model, cfg.model.family, cfg.gps.rules)
     batches = None
     if needs_data(cfg.gps.scheme):
+        from gps_ds.data.transforms import resolve_data
+
         batch = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 32))
-        batches = make_score_loader(cfg.data, 0, 1, batch_size_per_rank=batch, two_view=cfg.gps.loss == "supcon")
+        batches = make_score_loader(resolve_data(cfg.data, model), 0, 1, batch_size_per_rank=batch,
+                                    two_view=cfg.gps.loss == "supcon", device=accelerator_device())
     progress = None
     if show_progress and batches is not None:
         from tqdm import tqdm
@@ -185,7 +188,9 @@ def select_from_config_zero(cfg, out: str, scores_out: str | None = None, show_p
     batches = None
     micro = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 32))
     if needs_data(cfg.gps.scheme):
-        batches = make_score_loader(cfg.data, rank, world, batch_size_per_rank=micro,
+        from gps_ds.data.transforms import resolve_data
+
+        batches = make_score_loader(resolve_data(cfg.data, model), rank, world, batch_size_per_rank=micro,
                                     two_view=cfg.gps.loss == "supcon")
     progress = None
     if show_progress and rank == 0 and batches is not None:
