@@ -200,3 +200,46 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(digits, tmp_path):
     r1 = json.loads((tmp_path / "res-1.json").read_text())["stopped"]
     assert r1.startswith("loss is nan at step 3 (epoch 0)"), r1
     assert r0.startswith("loss is not finite on another rank at step 3 (epoch 0)"), r0
+
+
+KILL_RANK1_DURING_SAVE = '''
+import os, signal, sys, time, torch
+real_save = torch.save
+def save_then_die(obj, f, *args, **kwargs):
+    path = str(getattr(f, "name", f))
+    if os.environ.get("RANK") == "1" and "step00000002" in path:
+        time.sleep(4)  # rank 0 is done with its own files by now
+        real_save(obj, f, *args, **kwargs)
+        f.flush()
+        with open(path, "r+b") as fh:
+            fh.truncate(500)
+        os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies in the middle of its optimizer partition
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save_then_die
+from gps_ds.cli import launcher_main
+launcher_main("train")
+'''
+
+
+def test_a_rank_killed_while_writing_a_checkpoint_leaves_latest_on_the_complete_one(digits, tmp_path):
+    """ZeRO-1 (masked mode), 2 ranks, a checkpoint every step: rank 1 is SIGKILLed while it writes its optimizer
+    partition of step 2, after rank 0 has written all of its files. `latest` must still name step 1
+    (DeepSpeed's own pointer, written by rank 0 without waiting for the other ranks, named step 2)."""
+    from gps_ds.checkpoint import checkpoint_root, latest_tag
+
+    out = tmp_path / "run"
+    script = tmp_path / "train_kill_rank1.py"
+    script.write_text(KILL_RANK1_DURING_SAVE)
+    sets = settings(digits, out, **{"data.steps_per_epoch": 4, "train.epochs": 1, "output.checkpoint_every_steps": 1,
+                                    "deepspeed.zero_optimization.stage": 1, "gps.max_batches": 1,
+                                    "gps.mode": "masked"})
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(script), *cli_args(sets)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=DEADLINE_S,
+                          start_new_session=True)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    root = checkpoint_root(out)
+    assert sorted(p.name for p in (root / "step00000002").iterdir())  # rank 0 wrote its part of step 2
+    assert latest_tag(out) == "step00000001"
+    for f in sorted((root / "step00000001").glob("*.pt")):  # every rank's file of step 1 is complete
+        torch.load(f, weights_only=False)
