@@ -260,28 +260,63 @@ def _timm_droppable(twin: nn.Module, num_classes: int) -> set[str]:
 
 def build_partitioned(cfg, ds_config: dict) -> tuple[nn.Module, nn.Module, LoadReport]:
     """(model partitioned under ZeRO-3 with the file's weights, its meta-device twin, this rank's report)."""
-    import deepspeed
+    from gps_ds.models.factory import create_model_from_config
 
-    from gps_ds.models.factory import create_model, create_model_from_config
-
-    twin = create_model_from_config(cfg, device="meta")  # also settles model.num_classes
+    create_model_from_config(cfg, device="meta")  # settles model.num_classes from the data when unset
     m = cfg.model
     path = weights_file(cfg)
     if path is None or not path.is_file():
         raise ModelError(f"model.checkpoint: file not found: {path}")
-    torch.manual_seed(cfg.train.seed)
+    return build_partitioned_model(m.name, m.num_classes, path, ds_config, seed=cfg.train.seed,
+                                   drop_path_rate=m.drop_path_rate, img_size=m.img_size, kwargs=m.kwargs,
+                                   grad_checkpointing=m.grad_checkpointing)
+
+
+def build_partitioned_model(name: str, num_classes: int, path: Path, ds_config: dict, *, seed: int = 0,
+                            drop_path_rate: float = 0.0, img_size: int | None = None,
+                            kwargs: dict | None = None, grad_checkpointing: bool = False
+                            ) -> tuple[nn.Module, nn.Module, LoadReport]:
+    """`gps_ds.models.create_model(name, ...)` built inside deepspeed.zero.Init, its partitions filled
+    from the weights file `path`; with its meta-device twin and this rank's load report."""
+    import deepspeed
+
+    from gps_ds.models.factory import create_model
+
+    build = dict(drop_path_rate=drop_path_rate, img_size=img_size, kwargs=kwargs, grad_checkpointing=grad_checkpointing)
+    twin = create_model(name, num_classes, device="meta", **build)
+    torch.manual_seed(seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = create_model(m.name, m.num_classes, pretrained=False, checkpoint=None,
-                             drop_path_rate=m.drop_path_rate, img_size=m.img_size, kwargs=m.kwargs,
-                             grad_checkpointing=m.grad_checkpointing)
-    if m.name.startswith("sam_"):
+        model = create_model(name, num_classes, **build)
+    if name.startswith("sam_"):
         from gps_ds.models.sam import _resize_or_refuse
 
         adapt, droppable = (lambda n, v, s: _resize_or_refuse(n, v, s, str(path))), set()
     else:
-        adapt, droppable = _timm_adapt(m.name, path, twin), _timm_droppable(twin, m.num_classes)
-    report = load_partitioned(model, twin, path, adapt=adapt, droppable=droppable)
+        adapt, droppable = _timm_adapt(name, path, twin), _timm_droppable(twin, num_classes)
+    report = load_partitioned(model, twin, Path(path), adapt=adapt, droppable=droppable)
     return model, twin, report
+
+
+def write_random_weights(name: str, num_classes: int, path: Path, *, img_size: int | None = None,
+                         seed: int = 0) -> Path:
+    """A weights file of model `name` with random values, written one tensor at a time (benchmarks:
+    never the whole model in memory)."""
+    from gps_ds.models.factory import create_model
+    from gps_ds.weights import save_streaming
+
+    twin = create_model(name, num_classes, device="meta", img_size=img_size)
+    state = twin.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+
+    def produce(key: str) -> torch.Tensor:
+        dtype, shape = specs[key]
+        if not dtype.is_floating_point:
+            return torch.zeros(shape, dtype=dtype)
+        return (0.02 * torch.randn(shape, generator=gen)).to(dtype)
+
+    save_streaming(path, specs, produce)
+    return path
 
 
 def print_report(report: LoadReport) -> None:

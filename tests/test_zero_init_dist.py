@@ -61,6 +61,13 @@ def run2(ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def run2_offload(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zi2o")
+    launch(2, [str(SCRIPT), "--ckpt", str(ckpt), "--out", str(out / "res"), "--offload"], out / "log.txt")
+    return out / "res"
+
+
+@pytest.fixture(scope="module")
 def reference(ckpt):
     """One process, no DeepSpeed: timm loads the whole file, plain scoring, sparse mode, SGD."""
     from gps_ds.delta import extract_delta
@@ -119,10 +126,17 @@ def test_mask_equals_one_process(run2, reference):
         assert torch.equal(got[n].long(), idx.long()), n
 
 
-def test_trained_delta_equals_one_process(run2, reference):
+@pytest.mark.parametrize("offload", [False, True], ids=["resident", "offload_param_cpu"])
+def test_trained_delta_equals_one_process(request, reference, offload):
+    """Also with ZeRO-3 parameter offload to CPU (item 4): the same values from offloaded partitions."""
     from gps_ds.delta import load_delta
 
-    got, ref = load_delta(run2 / "delta.safetensors"), reference.delta
+    folder = request.getfixturevalue("run2_offload" if offload else "run2")
+    ranks = json.loads((folder / "report.json").read_text())["ranks"]
+    for r in ranks:
+        assert r["engine_offload_param"] is offload and r["base_partitions_on"] == ["cpu"], r
+        assert r["bases_partitioned"], r
+    got, ref = load_delta(folder / "delta.safetensors"), reference.delta
     assert set(got.selected) == set(ref.selected) and set(got.whole) == set(ref.whole)
     err = 0.0
     for n, (idx, vals) in ref.selected.items():

@@ -164,6 +164,9 @@ def add_bench_zero_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per launch; the launch is killed after")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--write", metavar="MD", help="rewrite this run's section of a results file, e.g. docs/BENCHMARKS.md")
+    parser.add_argument("--partitioned", action="store_true",
+                        help="build inside deepspeed.zero.Init and load a (random) weights file rank by rank, as the "
+                             "trainer does under ZeRO-3 (gps_ds/zero_init.py)")
     parser.set_defaults(func=run_bench_zero)
 
 
@@ -174,15 +177,17 @@ def run_bench_zero(args: argparse.Namespace) -> int:
     ranks = parse_ranks(args.ranks)
     result = bench_zero(args.model, ranks=ranks, batch=args.batch, k=args.k, steps=args.steps,
                         num_classes=args.num_classes, img_size=args.img_size, threads=args.threads,
-                        timeout=args.timeout)
+                        timeout=args.timeout, partitioned=args.partitioned)
     table = format_table(result)
     if args.write:
         size = f" --img-size {args.img_size}" if args.img_size else ""
         command = (f"gps-ds bench zero --model {args.model} --ranks {','.join(map(str, ranks))} --batch {args.batch} "
-                   f"--k {args.k} --steps {args.steps} --num-classes {args.num_classes}{size}")
+                   f"--k {args.k} --steps {args.steps} --num-classes {args.num_classes}{size}"
+                   + (" --partitioned" if args.partitioned else ""))
         body = section_body(result, command)
-        write_section(args.write, f"zero:{args.model}:b{args.batch}:k{args.k}",
-                      f"ZeRO-3 sparse training memory per rank: {args.model}, batch {args.batch} per rank, K={args.k}",
+        write_section(args.write, f"zero:{args.model}:b{args.batch}:k{args.k}" + (":partitioned" if args.partitioned else ""),
+                      f"ZeRO-3 sparse training memory per rank: {args.model}, batch {args.batch} per rank, K={args.k}"
+                      + (", partitioned from construction" if args.partitioned else ""),
                       body)
     if args.json:
         _emit(json.dumps(result, sort_keys=True))

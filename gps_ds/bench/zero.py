@@ -11,9 +11,12 @@ a deadline and the whole group is killed when it passes.  Every rank
 3. resets its peak-RSS counter (``/proc/self/clear_refs``) and runs ``--steps`` training steps
    (forward + backward + step) on random inputs of a fixed **per-rank** batch.
 
-Reported per rank: the *setup* peak (step 2: the whole model exists once on every rank before
-ZeRO-3 partitions it, because ``apply_sparse`` cannot run on partitioned parameters, so it
-cannot run inside ``deepspeed.zero.Init``), the *training* peak (step 3, the steady state, the
+With ``--partitioned`` step 2 is what the trainer does under ZeRO-3 with a weights file
+(``gps_ds/zero_init.py``): the model is built inside ``deepspeed.zero.Init``, each rank reads only
+its slices of a weights file (random values, written once by the driver tensor by tensor) and
+sparse mode is applied to the partitions. Without it every rank builds the whole model first.
+
+Reported per rank: the *setup* peak (step 2), the *training* peak (step 3, the steady state, the
 headline), both as absolute peak RSS and above the baseline, the parameter bytes held locally
 (ZeRO-3 partitions ``ds_tensor`` + anything not partitioned) and the trainable-state bytes
 (fp32 partitions of the trainable parameters, their gradients and AdamW moments, as held by the
@@ -155,15 +158,21 @@ def run_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
     # ---- setup: build, sparsify, partition
     t0 = time.perf_counter()
     torch.manual_seed(int(spec.get("seed", 0)))
-    model = create_model(spec["model"], num_classes, img_size=spec.get("img_size"))
-    roles = classify(model)
+    if spec.get("weights"):  # partitioned from construction: no rank ever holds the whole model
+        from gps_ds.zero_init import build_partitioned_model
+
+        model, shapes, _ = build_partitioned_model(spec["model"], num_classes, Path(spec["weights"]), ds_config(batch),
+                                                   seed=int(spec.get("seed", 0)), img_size=spec.get("img_size"))
+    else:
+        model = shapes = create_model(spec["model"], num_classes, img_size=spec.get("img_size"))
+    roles = classify(shapes)
     cands = set(roles.candidates)
-    selection = {n: idx for n, idx in random_selection(model, int(spec["k"]), seed=int(spec.get("seed", 0))).items()
+    selection = {n: idx for n, idx in random_selection(shapes, int(spec["k"]), seed=int(spec.get("seed", 0))).items()
                  if n in cands}
     prepare_model(model, roles, "gps", selection, "sparse")
     selected = sum(int((idx >= 0).sum()) for idx in selection.values())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_numel = sum(p.numel() for p in trainable)
+    trainable_numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in trainable)
     del selection
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.05)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=trainable,
@@ -313,7 +322,7 @@ def _summary(world: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
 def bench_zero(model: str = "vit_base_patch16_224", *, ranks: Sequence[int] = DEFAULT_RANKS, batch: int = 4,
                k: int = 1, steps: int = 3, num_classes: int = 100, img_size: int | None = None,
                threads: int | None = None, seed: int = 0, timeout: float = 900,
-               workdir: str | Path | None = None) -> dict[str, Any]:
+               workdir: str | Path | None = None, partitioned: bool = False) -> dict[str, Any]:
     """Launch every world size in turn; one result dict (ratios against the first world size)."""
     from gps_ds.bench.common import machine
 
@@ -334,6 +343,11 @@ def bench_zero(model: str = "vit_base_patch16_224", *, ranks: Sequence[int] = DE
     runs = []
     wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gps-bench-zero-"))
     wd.mkdir(parents=True, exist_ok=True)
+    if partitioned:  # the weights every rank loads its slices of (random values, written tensor by tensor)
+        from gps_ds.zero_init import write_random_weights
+
+        spec["weights"] = str(write_random_weights(model, num_classes, wd / "weights.safetensors", img_size=img_size,
+                                                   seed=seed))
     for n in ranks:
         runs.append(_summary(n, launch(n, spec, timeout, wd)))  # on failure the logs stay in wd
     if not workdir:
@@ -349,6 +363,8 @@ def bench_zero(model: str = "vit_base_patch16_224", *, ranks: Sequence[int] = DE
     mach["load_average_after"] = mach.pop("load_average")
     return {
         "benchmark": "zero", "model": model, "batch_per_rank": batch, "k": k, "steps": steps,
+        "setup": "partitioned from construction (zero.Init + per-rank slices of a weights file)" if partitioned
+                 else "whole model on every rank, then deepspeed.initialize partitions it",
         "num_classes": num_classes, "input_size": img_size or 224, "ranks": ranks,
         "zero_optimization": dict(ZERO3), "precision": "fp32", "optimizer": "torch AdamW (lr 1e-4, wd 0.05)",
         "memory_kind": "peak RSS (VmHWM), per rank; 'above baseline' subtracts the RSS after imports and "
@@ -377,9 +393,12 @@ def notes(result: dict[str, Any]) -> str:
         "local params = bytes of parameters this rank holds after training (ZeRO-3 partitions `ds_tensor` + "
         "anything not partitioned); trainable state = the ZeRO-3 optimizer's fp32 partitions of the trainable "
         "parameters + their gradients + AdamW moments; x = ratio against the first row",
-        "the setup peak does not fall with the ranks: every rank builds the whole model before ZeRO-3 "
-        "partitions it, because `apply_sparse` refuses partitioned parameters and so cannot run inside "
-        "`deepspeed.zero.Init`",
+        ("setup: partitioned from construction (`--partitioned`): built inside `deepspeed.zero.Init`, each rank "
+         "reads only its slices of a weights file (random values) and sparse mode is applied to the partitions"
+         if result.get("setup", "").startswith("partitioned") else
+         "setup without `--partitioned`: every rank builds the whole model before ZeRO-3 partitions it, so the "
+         "setup peak does not fall with the ranks (the trainer partitions from construction when the weights "
+         "come from a file: `--partitioned`)"),
     ]
     lines.append(verdict(result))
     if not result.get("peak_reset"):

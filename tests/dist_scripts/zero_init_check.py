@@ -47,16 +47,19 @@ def local(batch, rank: int, world: int):
     return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
 
-def config(ckpt: str, world: int):
+def config(ckpt: str, world: int, offload: bool = False):
     from gps_ds.config import validate_config
 
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     return validate_config({
         "model": {"name": "test_vit", "img_size": IMG, "num_classes": CLASSES, "checkpoint": ckpt},
         "gps": {"k": K, "loss": "ce"},
         "train": {"method": "gps", **TRAIN},
         "deepspeed": {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1,
                       "steps_per_print": 10**9, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-                      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+                      "zero_optimization": zero},
     })
 
 
@@ -79,6 +82,7 @@ def main() -> None:
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=0)  # set by the deepspeed launcher
+    ap.add_argument("--offload", action="store_true", help="ZeRO-3 parameter offload to CPU")
     args = ap.parse_args()
     rank, world = init_distributed()
 
@@ -91,7 +95,7 @@ def main() -> None:
     from gps_ds.selection.pipeline import run_selection_zero
     from gps_ds.zero_init import build_partitioned
 
-    cfg = config(args.ckpt, world)
+    cfg = config(args.ckpt, world, args.offload)
     t0 = time.perf_counter()
     model, twin, report = build_partitioned(cfg, cfg.deepspeed)
     seconds = {"build": time.perf_counter() - t0}
@@ -112,6 +116,8 @@ def main() -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=trainable,
                                            config=cfg.deepspeed)
+    offload = {"engine_offload_param": bool(engine.zero_offload_param()),
+               "base_partitions_on": sorted({str(p.ds_tensor.device) for p in bases})}
     losses = []
     for batch in global_batches(NB, 22):
         x, y = local(batch, rank, world)
@@ -124,7 +130,7 @@ def main() -> None:
     mine = {"rank": rank, "total": report.total, "local": report.local, "read": report.read,
             "largest_read": report.largest_read, "fresh": list(report.fresh), "bases": len(bases),
             "bases_partitioned": bases_partitioned, "values_ordinary_before_engine": values_whole,
-            "peak_rss_kb_after_build": rss_after_build, "seconds": seconds}
+            "peak_rss_kb_after_build": rss_after_build, "seconds": seconds, **offload}
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank == 0:
