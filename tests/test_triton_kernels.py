@@ -176,8 +176,9 @@ def test_bench_kernels_rows(capsys):
 
     layers = (("a", 24, 16), ("b", 8, 40))
     r = bench_kernels("cpu", batch=1, tokens=6, ks=(1, 3), dtypes=("float32", "bfloat16"), layers=layers, reps=1,
-                      warmup=0)
-    assert len(r["rows"]) == 2 * 2 * 2
+                      warmup=0, conv=(4, 16, 8))
+    assert len(r["rows"]) == 2 * (2 * 2 + 2)  # per dtype: 2 layers x 2 K + the patch embedding x 2 K
+    assert sum("unfold" in row["ms"] for row in r["rows"]) == 4
     for row in r["rows"]:
         assert {"dense", "gather"} <= set(row["ms"]) and row["auto"] in row["ms"] and row["fastest"] in row["ms"]
         assert ("triton" in row["ms"]) == INTERPRET

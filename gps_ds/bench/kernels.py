@@ -60,9 +60,56 @@ def _time(fn, device, reps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def _conv_rows(dev, dtype, dname: str, batch: int, ks: Sequence[int], reps: int, warmup: int, gen,
+               patch: int, side: int, channels: int) -> list[dict[str, Any]]:
+    """The ViT patch embedding (3 -> channels, patch x patch, stride patch) by conv path."""
+    import torch
+    import torch.nn.functional as F
+
+    from gps_ds.sparse import settings as S
+    from gps_ds.sparse import triton_kernels
+    from gps_ds.sparse.conv_kernels import ConvGeometry, conv_backward, conv_grad_dense, conv_grad_gather, conv_grad_unfold
+    from gps_ds.sparse.indices import build_plan
+    from gps_ds.sparse.testing import random_indices
+
+    geo = ConvGeometry((patch, patch), (patch, patch), (0, 0), (1, 1), 1)
+    fan_in = 3 * patch * patch
+    x = torch.randn(batch, 3, side, side, generator=gen).to(dtype).to(dev)
+    w = torch.randn(channels, 3, patch, patch, generator=gen).to(dtype).to(dev)
+    g = torch.randn(batch, channels, side // patch, side // patch, generator=gen).to(dtype).to(dev)
+    ref_full = None
+    rows = []
+    for k in ks:
+        if k > fan_in:
+            continue
+        plan = build_plan(random_indices(channels, fan_in, k, generator=gen).to(dev), None, fan_in, 0.0)
+        chunk = S.chunk_elems(dev, x.element_size())
+        paths = {"dense": lambda: conv_grad_dense(conv_backward(g, x, w, geo, False, True)[1], plan),
+                 "gather": lambda: conv_grad_gather(g, x, plan, geo, chunk),
+                 "unfold": lambda: conv_grad_unfold(g, x, plan, geo, chunk)}
+        if triton_kernels.available(dev):
+            paths["triton"] = lambda: triton_kernels.conv_grad_triton(g, x, plan, geo, chunk)
+        if ref_full is None:
+            ref_full = torch.nn.grad.conv2d_weight(x.double().cpu(), w.shape, g.double().cpu(), stride=patch)
+        ref = ref_full.reshape(channels, -1).gather(1, plan.idx.cpu())
+        times, errors = {}, {}
+        for name, fn in paths.items():
+            errors[name] = float((fn().double().cpu() - ref).abs().max() / (ref.abs().max() + 1e-30))
+            times[name] = _time(fn, dev, reps, warmup)
+        best = min(times, key=times.get)
+        length = (side // patch) ** 2
+        auto = S.choose_conv_grad(batch, 3, channels, k, length, patch * patch, 1, dtype, dev)
+        rows.append({"dtype": dname, "layer": f"patch_embed {patch}x{patch}/{patch} conv", "positions": batch * length,
+                     "rows": channels, "cols": fan_in, "k": k, "ms": {p: 1e3 * t for p, t in times.items()},
+                     "rel_error": errors, "fastest": best, "auto": auto,
+                     "auto_over_fastest": (times[auto] / times[best]) if auto in times else None})
+    return rows
+
+
 def bench_kernels(device: str = "cpu", batch: int = 64, tokens: int = 197, ks: Sequence[int] = (1, 2, 4, 10, 32),
                   dtypes: Sequence[str] = ("float32", "bfloat16"), layers=VIT_B_LAYERS, reps: int = 10,
-                  warmup: int = 3, seed: int = 0) -> dict[str, Any]:
+                  warmup: int = 3, seed: int = 0, conv: tuple[int, int, int] | None = (16, 224, 768)) -> dict[str, Any]:
+    """``conv``: (patch, image side, channels) of a patch-embedding row block, None for none."""
     import torch
 
     from gps_ds.bench.common import machine
@@ -107,6 +154,8 @@ def bench_kernels(device: str = "cpu", batch: int = 64, tokens: int = 197, ks: S
                                  "fastest": best, "auto": auto,
                                  "auto_over_fastest": (times[auto] / times[best]) if auto in times else None})
             del g, x, ref_full
+        if conv is not None:
+            rows_out += _conv_rows(dev, dtype, dname, batch, ks, reps, warmup, gen, *conv)
     info = machine(device)
     return {"benchmark": "kernels", "device": device, "batch": batch, "tokens": tokens, "ks": list(ks),
             "dtypes": list(dtypes), "reps": reps, "rows": rows_out, "machine": info,
@@ -115,7 +164,7 @@ def bench_kernels(device: str = "cpu", batch: int = 64, tokens: int = 197, ks: S
 
 def format_table(result: dict[str, Any]) -> str:
     paths = sorted({p for row in result["rows"] for p in row["ms"]},
-                   key=lambda p: ["dense", "gather", "fused", "sddmm", "triton"].index(p))
+                   key=lambda p: ["dense", "gather", "unfold", "fused", "sddmm", "triton"].index(p))
     head = "| dtype | layer (M x R x C) | K | " + " | ".join(f"{p} ms" for p in paths) + " | fastest | auto | auto / fastest | max rel. error |"
     lines = [head, "|" + "---|" * (len(paths) + 7)]
     for row in result["rows"]:
