@@ -49,8 +49,9 @@ def _flat_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def gather_selected(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Values of a dense weight at (rows, K) indices; padded (-1) slots read as 0."""
-    idx = indices.long()
+    """Values of a dense weight at (rows, K) indices; padded (-1) slots read as 0 (on the weight's
+    device: a CPU selection with the weight on an accelerator, as in masked mode, is moved)."""
+    idx = indices.long().to(weight.device)
     valid = idx >= 0
     vals = torch.gather(_flat_rows(weight.detach()).float(), 1, idx.clamp(min=0))
     return vals.masked_fill(~valid, 0.0)
@@ -58,11 +59,11 @@ def gather_selected(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
 
 def scatter_selected(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A copy of `weight` with the selected entries replaced by `values` (padding ignored)."""
-    idx = indices.long()
     flat = _flat_rows(weight.detach()).clone()
+    idx = indices.long().to(flat.device)
     valid = idx >= 0
-    rows = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)
-    flat[rows[valid], idx[valid]] = values[valid].to(flat.dtype)
+    rows = torch.arange(idx.shape[0], device=flat.device).unsqueeze(1).expand_as(idx)
+    flat[rows[valid], idx[valid]] = values.to(flat.device)[valid].to(flat.dtype)
     return flat.reshape(weight.shape)
 
 

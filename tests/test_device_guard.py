@@ -92,6 +92,25 @@ def test_ops_of_gps_ds_mixing_host_and_device_are_refused_as_cuda_would():
         assert on_device(torch.ones(2).to(dev) * torch.tensor(2.0))
 
 
+def test_masked_mode_delta_reads_a_device_weight_with_a_cpu_selection(guard):
+    """Masked mode keeps dense weights on the device and the selection on the CPU: extracting and
+    writing back the selected entries must work there (torch.gather refused it on CUDA)."""
+    from gps_ds.delta import extract_delta, scatter_selected
+
+    dev = D.accelerator_device()
+    m = nn.Linear(4, 3).to(dev)
+    sel = {"weight": torch.tensor([[0, 2], [1, -1], [3, 0]])}
+    idx, vals = extract_delta(m, [], sel).selected["weight"]
+    w = m.weight.detach().cpu()
+    assert torch.equal(vals.cpu(), torch.stack([torch.stack([w[0, 0], w[0, 2]]), torch.stack([w[1, 1], w[0, 0] * 0]),
+                                                torch.stack([w[2, 3], w[2, 0]])]))
+    back = scatter_selected(torch.zeros(3, 4).to(dev), idx, vals.cpu()).cpu()
+    expected = torch.zeros(3, 4)
+    for r, c in ((0, 0), (0, 2), (1, 1), (2, 3), (2, 0)):
+        expected[r, c] = w[r, c]
+    assert torch.equal(back, expected)
+
+
 # --------------------------------------------------------------------------- the real paths
 
 
