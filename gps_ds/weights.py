@@ -95,6 +95,20 @@ class SafetensorsReader:
             raise WeightsError(f"checkpoint {self.path} is truncated at '{name}'")
         return out
 
+    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) along the first dimension (one contiguous byte range of the file)."""
+        dtype, shape, (begin, end) = self.entries[name]
+        if not shape:
+            return self.get(name)
+        r0, r1 = max(0, r0), min(shape[0], r1)
+        out = torch.empty((max(0, r1 - r0), *shape[1:]), dtype=dtype)
+        if out.numel():
+            row = (end - begin) // shape[0]
+            self._file.seek(self._start + begin + r0 * row)
+            if self._file.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != (r1 - r0) * row:
+                raise WeightsError(f"checkpoint {self.path} is truncated at '{name}'")
+        return out
+
     def close(self) -> None:
         self._file.close()
 

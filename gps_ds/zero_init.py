@@ -6,8 +6,9 @@ Under ZeRO-3 (``model.partitioned_init``: ``auto`` when the weights come from a 
    constructor returns, so at most one layer exists whole at a time (and a meta-device twin gives
    the shapes that rules, fingerprints and counts need);
 2. fills each rank's partitions from the weights file: a partition is a contiguous range of the
-   flattened tensor, so a rank reads only the rows that cover it (``safe_open(...).get_slice`` for
-   safetensors, a memory-mapped ``torch.load(weights_only=True)`` for .pth) — nothing is gathered;
+   flattened tensor, so a rank reads only the rows that cover it (plain reads of that byte range of
+   a safetensors file, ``gps_ds.weights.SafetensorsReader``; a memory-mapped
+   ``torch.load(weights_only=True)`` for .pth) — nothing is gathered;
    a tensor whose shape must be adapted (a resized position embedding) is read whole, alone;
 3. scores on the partitioned model and applies sparse mode to it (``gps_ds.sparse``): each rank
    takes the selected entries of its own partition and one small all-reduce per layer gives
@@ -129,10 +130,12 @@ class TensorSource:
         self._state: dict[str, torch.Tensor] = {}
         try:
             if path.suffix == ".safetensors":
-                from safetensors import safe_open
+                from gps_ds.weights import SafetensorsReader
 
-                self._st = safe_open(str(path), framework="pt")
-                self._keys = list(self._st.keys())
+                # Plain reads of the byte ranges asked for: a memory map would add every page a rank
+                # touches to its RSS.
+                self._st = SafetensorsReader(path)
+                self._keys = self._st.keys()
             else:
                 state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
                 for key in ("state_dict", "model", "module"):
@@ -151,17 +154,17 @@ class TensorSource:
 
     def shape(self, key: str) -> tuple[int, ...]:
         if self._st is not None:
-            return tuple(self._st.get_slice(key).get_shape())
+            return self._st.shape(key)
         return tuple(self._state[key].shape)
 
     def rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
         if self._st is not None:
-            return self._st.get_slice(key)[r0:r1]
+            return self._st.rows(key, r0, r1)
         return self._state[key][r0:r1].clone()
 
     def full(self, key: str) -> torch.Tensor:
         if self._st is not None:
-            return self._st.get_tensor(key)
+            return self._st.get(key)
         return self._state[key].clone()
 
 

@@ -67,6 +67,11 @@ def test_streaming_merge_refuses_a_misfit_and_a_truncated_base(tmp_path):
     assert not (tmp_path / "o2.safetensors").exists()
     with SafetensorsReader(tmp_path / "base.safetensors") as r:
         assert r.shape("conv.weight") == (4, 2, 3, 3) and r.dtype("conv.weight") == torch.bfloat16
+        for name, t in base.items():  # row ranges, as the partitioned build reads them
+            assert torch.equal(r.get(name), t), name
+            if t.dim():
+                for r0, r1 in ((0, 1), (1, t.shape[0]), (t.shape[0] - 1, t.shape[0] + 5), (2, 2)):
+                    assert torch.equal(r.rows(name, r0, r1), t[r0:r1]), (name, r0, r1)
 
 
 PEAK = """
