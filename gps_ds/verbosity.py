@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 from typing import Iterator
 
 ENV = "GPS_DS_VERBOSE"
@@ -44,7 +45,8 @@ def configure(verbose: bool | None = None) -> None:
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
     if is_verbose():
-        import deepspeed.utils.logging as ds_logging  # creates DeepSpeed's logger now, to set its level
+        with contextlib.redirect_stdout(sys.stderr):  # its handler takes sys.stdout: results stay alone there
+            import deepspeed.utils.logging as ds_logging  # creates DeepSpeed's logger now, to set its level
 
         ds_logging.logger.setLevel(logging.INFO)
         for handler in ds_logging.logger.handlers:
