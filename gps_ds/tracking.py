@@ -64,9 +64,11 @@ class Tracker:
             experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment)
         if not self.active:
             return
+        from mlflow.tracking import MlflowClient
+
+        # after the import: importing mlflow sets its loggers to INFO ("Creating initial MLflow database tables")
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        from mlflow.tracking import MlflowClient
 
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         self._staging = Path(output_dir) / ".mlflow-staging"

@@ -108,3 +108,16 @@ def test_only_rank_0_with_tracking_enabled_logs(tmp_path, rank, enabled):
     t.log_metrics({"x": 1.0}, 0)
     t.end()
     assert not t.active and t.run_id is None and t._thread is None and not (tmp_path / "mlruns").exists()
+
+
+def test_a_new_store_is_created_without_mlflow_info_lines(tmp_path):
+    """Importing mlflow sets its loggers to INFO; the tracker quiets them after the import (fresh process)."""
+    import subprocess
+    import sys
+
+    code = ("from gps_ds.tracking import Tracker; import sys; "
+            "t = Tracker(enabled=True, rank=0, output_dir=sys.argv[1]); t.log_metrics({'a': 1.0}, 0); t.end()")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and (tmp_path / "out" / "mlflow.db").is_file()
+    assert done.stderr == "" and done.stdout == "", done.stderr
