@@ -49,6 +49,9 @@ class KernelSettings:
     chunk_bytes: memory bound of one gathered temporary (None: per-device default).
     compact_ratio: save only the selected input columns of a Linear for backward when
     there are at most compact_ratio * in_features distinct ones (0 disables).
+    recompute_inputs: a Linear whose input is a LayerNorm or GELU output keeps nothing for its
+    selected-entry gradient and recomputes the input in backward from what that node saves
+    (``autograd._input_recipe``).
     cpu_parts: CPU threads the gather kernel splits into (None: torch's thread count;
     1: inline), see ``cpu_threads``.
     """
@@ -59,6 +62,7 @@ class KernelSettings:
     conv_grad: str = "auto"
     chunk_bytes: int | None = None
     compact_ratio: float = 0.5
+    recompute_inputs: bool = True
     cpu_parts: int | None = None
 
 
