@@ -48,7 +48,10 @@ def _base_config(root: Path, shards: str, method: str, out: str, epochs: int, lr
     cfg = {
         "model": {**BACKBONE, "num_classes": 10},
         "data": {"train": data_dir, "test": data_dir, "recipe": "digits", "image_size": BACKBONE["img_size"], "workers": 0,
-                 "seed": 0, **({"val": data_dir} if val else {})},
+                 "seed": 0, **({"val": data_dir} if val else {}),
+                 # the backbone is trained from scratch here, so its timm pretrained_cfg (0.5/0.5)
+                 # means nothing; the inputs stay as stage 1 and the cached backbone saw them
+                 **DEMO_INPUTS},
         "gps": {"k": 1, "loss": "supcon"},
         "train": {"method": method, "epochs": epochs, "optimizer": "adam", "lr": lr, "warmup_epochs": 1,
                   "min_lr": 1e-6, "seed": 0},
@@ -61,6 +64,10 @@ def _base_config(root: Path, shards: str, method: str, out: str, epochs: int, lr
         section, key = dotted.split("__")
         cfg[section][key] = value
     return cfg
+
+
+DEMO_INPUTS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875,
+               "interpolation": "bicubic"}
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -145,7 +152,7 @@ def pretrain(root: Path, epochs: int, steps_per_epoch: int | None = None) -> Pat
     ckpt = root / "pretrained" / "vit_mnist.safetensors"
     sidecar = ckpt.with_suffix(".json")
     settings = {"backbone": BACKBONE, "data": PRETRAIN_SHARDS, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-                **PRETRAIN}
+                **PRETRAIN, "inputs": DEMO_INPUTS}
     if ckpt.exists() and sidecar.exists():
         cached = json.loads(sidecar.read_text())
         if cached.get("settings") == json.loads(json.dumps(settings)):
