@@ -67,11 +67,23 @@ def _trained(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
+def _relink_optimizer_state(engine) -> None:
+    """ZeRO 1/2 map each parameter to its optimizer-state fragments once, right after the first
+    step of the FIRST parameter group, when the other groups have no state yet; their fragments
+    stay empty ("exp_avg not found in optimizer state fragment" on the first checkpoint of a run
+    with a weight-decay and a no-decay group, DeepSpeed 0.19). Link again now that all exist."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state") and hasattr(opt, "_hp_optimizer_states_linked"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
 def save_elastic(engine, path: Path, rank: int, meta: Mapping[str, Any]) -> None:
     """Write the full trained state (a collective: every rank calls it; rank 0 writes)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from safetensors.torch import save_file
 
+    _relink_optimizer_state(engine)
     keys = _state_keys(engine)
     tensors: dict[str, torch.Tensor] = {}
     for name, p in _trained(engine.module):
@@ -139,6 +151,7 @@ def load_elastic(engine, path: Path) -> None:
     if len(steps) > 1:
         raise CheckpointError(f"{path}: parameters at different optimizer steps {steps}")
     _ensure_state(engine, meta.get("keys", []), steps[0] if steps else 0.0)
+    _relink_optimizer_state(engine)
     keys = _state_keys(engine)
     if sorted(meta.get("keys", [])) != keys:
         raise CheckpointError(f"{path}: optimizer state {meta.get('keys')} does not fit this run's optimizer ({keys})")
