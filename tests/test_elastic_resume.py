@@ -181,3 +181,31 @@ def test_trainer_refuses_what_cannot_resume_exactly_at_another_world_size(two_ra
     last = proc.stderr.strip().splitlines()[-1]
     assert "world_size 2 in the checkpoint, 1 now" in last and message in last, last
     assert "Traceback" not in proc.stderr
+
+
+def test_zero2_checkpoint_of_two_ranks_resumes_at_one_rank(digits, tmp_path):
+    """ZeRO-2, sparse, AdamW with a decay and a no-decay group: the elastic state is written at
+    every checkpoint (the first one failed, "exp_avg not found in optimizer state fragment",
+    before elastic._relink_optimizer_state) and an epoch-end checkpoint resumes at 1 rank with the
+    saved Adam state (a fresh state would make the first resumed steps full-size lr steps)."""
+    from safetensors import safe_open
+
+    sets = digits_trainer_settings(digits, tmp_path / "run", **{
+        "data.steps_per_epoch": 2, "gps.k": 2, "gps.loss": "ce", "gps.max_batches": 2, "train.epochs": 2,
+        "deepspeed.train_micro_batch_size_per_gpu": 12, "deepspeed.zero_optimization.stage": 2,
+        "output.keep_checkpoints": 10})
+    launch(2, [TRAIN, *cli_args(sets)], tmp_path / "log.txt")
+    saved = tmp_path / "run" / "checkpoints" / "step00000002" / "trainable_full.safetensors"
+    with safe_open(str(saved), "pt") as f:
+        keys = list(f.keys())
+        exp_avg = {k: f.get_tensor(k) for k in keys if k.startswith("exp_avg/")}
+    assert any(k.endswith(".bias") for k in exp_avg) and any("gps_values" in k for k in exp_avg)
+    assert all(float(t.abs().max()) > 0 for t in exp_avg.values() if t.numel() > 1), "Adam state was saved empty"
+    cut = dict(sets, **{"deepspeed.train_micro_batch_size_per_gpu": 24})
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step00000004")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step00000002")
+    proc = _train_one_rank(cut)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(epoch 1, batch 0, step 2)" in proc.stderr
+    final = json.loads((tmp_path / "run" / "checkpoints" / "step00000004" / "gps_state.json").read_text())
+    assert final["state"]["step"] == 4 and final["identity"]["world_size"] == 1
