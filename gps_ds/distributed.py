@@ -16,6 +16,9 @@ from gps_ds.testing.device_guard import check_collective
 DEFAULT_TIMEOUT_S = int(os.environ.get("GPS_DS_COLLECTIVE_TIMEOUT", "600"))
 
 
+_WORLD_OF_ONE = "GPS_DS_WORLD_OF_ONE_PORT"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,10 +47,17 @@ def init_distributed(timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     import deepspeed
 
     if not dist.is_initialized():
+        # A world of one sets these variables for DeepSpeed in this process; a child process (a
+        # test, `gps-ds bench trainer`) inherits them, and would take them for a launcher's and
+        # bind the parent's port (EADDRINUSE). The marker tells the two cases apart.
+        own = os.environ.get(_WORLD_OF_ONE)
+        if own and os.environ.get("MASTER_PORT") == own and os.environ.get("WORLD_SIZE") == "1":
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+                os.environ.pop(key, None)
         if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            port = os.environ.get("MASTER_PORT") or str(_free_port())
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_PORT=port, **{_WORLD_OF_ONE: port})
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         from gps_ds.verbosity import quiet_prints
 

@@ -384,6 +384,10 @@ def test_output_folder_on_a_full_disk_keeps_the_earlier_files(trained, digits, t
     tag = latest_tag(out)
     raw = raw_cfg(digits, out, train={"epochs": 2}, output={"checkpoint_every_steps": 1})
     cfg = write_cfg(tmp_path / "cfg.json", raw)
+    # DeepSpeed JIT-builds its CPU comm op at the first process-group start of a fresh machine:
+    # build it now, not under the file-size limit below.
+    subprocess.run([sys.executable, "-c", "import gps_ds; from deepspeed.comm.torch import build_shm_op; "
+                    "build_shm_op()"], check=True, capture_output=True, timeout=600)
     # 40 kB: the run's small files still fit, the next checkpoint (185 kB model states) does not.
     line = fails_in_subprocess("train", "--config", str(cfg), "--resume", "--quiet",
                                preexec_fn=_file_size_limit(40_000))

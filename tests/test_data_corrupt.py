@@ -46,7 +46,10 @@ def _cfg(folder, workers, recipe="vtab"):
 
 
 @pytest.mark.parametrize("workers,recipe", [(0, "vtab"), (2, "vtab"), (0, "fgvc")])  # fgvc: lazy (draft) decoding
-def test_train_skips_and_counts(corrupt, workers, recipe):
+def test_train_skips_and_counts(corrupt, workers, recipe, monkeypatch):
+    import gps_ds.data.corrupt as corrupt_mod
+
+    monkeypatch.setattr(corrupt_mod, "_warned", 0)  # the per-process warning budget: earlier tests spend it
     folder, _ = corrupt
     loader = make_train_loader(_cfg(folder, workers, recipe), 0, 1, 3)
     assert len(loader) == 5  # ceil(15 / 3): sizes from _info.json

@@ -127,7 +127,10 @@ def test_two_rank_selection_equals_one_process_scoring(runs, digits):
     cfg = validate_config(nested(settings(digits, runs["tmp"] / "ref")))
     model = create_model_from_config(cfg)
     roles = classify(model, cfg.model.family, cfg.gps.rules)
-    per_rank = [list(itertools.islice(make_score_loader(cfg.data, r, 2, batch_size_per_rank=8, two_view=False),
+    from gps_ds.data.transforms import resolve_data
+
+    data = resolve_data(cfg.data, model)  # what the trainer's loaders read (the model's normalisation)
+    per_rank = [list(itertools.islice(make_score_loader(data, r, 2, batch_size_per_rank=8, two_view=False),
                                       cfg.gps.max_batches)) for r in range(2)]
     global_batches = [(torch.cat([x0, x1]), torch.cat([y0, y1])) for (x0, y0), (x1, y1) in zip(*per_rank)]
     result = run_selection(model, roles, global_batches, scheme=cfg.gps.scheme, k=cfg.gps.k, loss="ce",
