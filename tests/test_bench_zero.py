@@ -103,7 +103,7 @@ def test_write_section(result):
     text = md.read_text()
     assert text.count(f"<!-- bench:zero:{MODEL}:b2:k{K} -->") == 1
     assert "| ranks |" in text and "load average" in text and "stage3_param_persistence_threshold=0" in text
-    assert "batch fixed per rank" in text
+    assert "batch fixed per rank" in text and "**1/N check**" in text
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -117,3 +117,27 @@ def test_user_errors_are_one_line(bad, message, capsys):
     assert run(["bench", "zero", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def _runs(full: int, setup: list[int], train: list[int]) -> dict:
+    return {"runs": [{"world": n, "full_param_bytes": full, "setup_peak_bytes_max": s, "train_peak_bytes_max": t}
+                     for n, s, t in zip((1, 2, 3), setup, train)]}
+
+
+def test_scaling_check_against_hand_worked_peaks():
+    """Hand-worked: W = 1200; shares 1200 / 600 / 400, so the share drops by 600 (1->2) and 200 (2->3).
+    Setup peaks 100 + share: ratios exactly 1. Training peaks have 60 more fixed bytes at N > 1 (gather
+    buffers): 1->2 drops 540 (0.90), 2->3 drops 200 (1.00), from 1 rank to 3: 740 / 800 = 0.925."""
+    from gps_ds.bench.zero import scaling, scaling_line
+
+    rows = scaling(_runs(1200, [1300, 700, 500], [1500, 960, 760]))
+    got = {(r["peak"], r["from"], r["to"]): r for r in rows}
+    assert got[("setup", 1, 2)]["ratio"] == pytest.approx(1.0) and got[("setup", 2, 3)]["ratio"] == pytest.approx(1.0)
+    assert got[("training", 1, 2)]["ratio"] == pytest.approx(540 / 600)
+    assert got[("training", 2, 3)]["ratio"] == pytest.approx(1.0)
+    assert got[("training", 2, 3)]["from_first"] == pytest.approx(740 / 800)
+    assert all(r["met"] for r in rows) and "-> **met**" in scaling_line(_runs(1200, [1300, 700, 500], [1500, 960, 760]))
+    # A peak that does not shed the share (the old whole-model set-up) misses the goal.
+    flat = scaling(_runs(1200, [1300, 1290, 1285], [1500, 960, 760]))
+    assert not [r for r in flat if r["peak"] == "setup" and r["met"]]
+    assert "-> **missed**" in scaling_line(_runs(1200, [1300, 1290, 1285], [1500, 960, 760]))

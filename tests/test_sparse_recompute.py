@@ -111,3 +111,19 @@ def test_under_activation_checkpointing_the_inputs_are_saved_as_usual():
     torch.testing.assert_close(x.grad, rx.float(), rtol=1e-4, atol=1e-5)
     for n in ("fc1", "fc2"):
         torch.testing.assert_close(getattr(block, n).gps_values.grad, rv[n].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_zero3_partitioned_base_keeps_its_input():
+    """Under ZeRO-3 the base weight carries a `ds_id` and the producer's norm parameters may be freed
+    before this backward: the input is kept (the old way) and the gradients still match the reference."""
+    block, dense, sel = _make(compact=0.0)
+    for name in ("fc1", "fc2"):
+        getattr(block, name).weight.ds_id = 7  # what deepspeed.zero.Init sets on every parameter
+    x = torch.randn(4, 7, 12)
+    with kernel_settings(compact_ratio=0.0):
+        assert _own_activations(block, x) == 4 * 7 * (12 + 40) * 4
+        gx, gv = _grads(block, x)
+    rx, rv = _dense_grads(dense, sel, x)
+    torch.testing.assert_close(gx, rx.float(), rtol=1e-4, atol=1e-5)
+    for n in gv:
+        torch.testing.assert_close(gv[n], rv[n].float(), rtol=1e-4, atol=1e-5)

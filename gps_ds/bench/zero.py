@@ -374,6 +374,51 @@ def bench_zero(model: str = "vit_base_patch16_224", *, ranks: Sequence[int] = DE
     }
 
 
+SCALING_BAND = (0.85, 1.15)  # issue #13: the parameters' share of the per-rank peak falls as 1/N within 15%
+
+
+def scaling(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """How much of the parameters' share each peak sheds between consecutive world sizes.
+
+    From world size a to b the per-rank parameter share falls by W/a - W/b (W = the model's
+    parameter bytes); `ratio` = the measured drop of the peak above baseline over that. A peak made
+    of a fixed part plus the share gives exactly 1. Consecutive pairs, not "from 1 rank": a single
+    rank gathers nothing, so ZeRO-3's gather and prefetch buffers (a fixed part of every N > 1) make
+    the 1 -> N drop smaller than the share's by their size (`from_first`, reported too)."""
+    runs = sorted(result["runs"], key=lambda r: r["world"])
+    full = runs[0]["full_param_bytes"]
+    rows = []
+    for kind, key in (("setup", "setup_peak_bytes_max"), ("training", "train_peak_bytes_max")):
+        for a, b in zip(runs, runs[1:]):
+            expected = full / a["world"] - full / b["world"]
+            first = runs[0]
+            rows.append({
+                "peak": kind, "from": a["world"], "to": b["world"],
+                "drop_bytes": a[key] - b[key], "share_drop_bytes": expected,
+                "ratio": (a[key] - b[key]) / expected if expected else None,
+                "from_first": ((first[key] - b[key]) / (full / first["world"] - full / b["world"])
+                               if a is not first else None),
+            })
+    lo, hi = SCALING_BAND
+    for r in rows:
+        r["met"] = r["ratio"] is not None and lo <= r["ratio"] <= hi
+    return rows
+
+
+def scaling_line(result: dict[str, Any]) -> str:
+    rows = scaling(result)
+    if not rows:
+        return "one world size only: no 1/N check"
+    parts = []
+    for r in rows:
+        first = f" (from {result['runs'][0]['world']} rank: {r['from_first']:.2f})" if r["from_first"] is not None else ""
+        parts.append(f"{r['peak']} {r['from']}->{r['to']}: {r['ratio']:.2f}{first}")
+    lo, hi = SCALING_BAND
+    ok = all(r["met"] for r in rows)
+    return (f"**1/N check** (measured peak drop / parameter-share drop between world sizes; goal "
+            f"{lo:.2f}-{hi:.2f}): {'; '.join(parts)} -> **{'met' if ok else 'missed'}**")
+
+
 def notes(result: dict[str, Any]) -> str:
     """Bullet lines for the results file: what was run and how memory was measured."""
     z = ", ".join(f"{k}={v}" for k, v in result["zero_optimization"].items())
@@ -401,6 +446,7 @@ def notes(result: dict[str, Any]) -> str:
          "come from a file: `--partitioned`)"),
     ]
     lines.append(verdict(result))
+    lines.append(scaling_line(result))
     if not result.get("peak_reset"):
         lines.append("**/proc/self/clear_refs was not writable: the training peak includes the setup peak**")
     return "\n".join(f"* {ln}" for ln in lines)

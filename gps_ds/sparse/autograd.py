@@ -162,7 +162,10 @@ class SparseLinearFunction(torch.autograd.Function):
                 y = y + term.view(y.shape)
         x_saved, recipe, recipe_tensors = None, None, ()
         if ctx.needs_input_grad[2]:
-            recipe = _input_recipe(x) if S.SETTINGS.recompute_inputs else None
+            # ZeRO-3 (the base weight is partitioned): the producer's norm parameters may be freed by
+            # the time this backward runs, so the input is kept instead of recomputed.
+            zero3 = getattr(weight, "ds_id", None) is not None
+            recipe = _input_recipe(x) if S.SETTINGS.recompute_inputs and not zero3 else None
             if recipe is not None:
                 recipe_tensors = tuple(t for t in recipe[1:] if t is None or isinstance(t, Tensor))
             else:
