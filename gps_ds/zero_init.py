@@ -76,17 +76,18 @@ def weights_file(cfg) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def partitioned_wanted(cfg, ds_config: dict) -> bool:
-    """Whether the trainer builds this run's model partitioned (see the module docstring)."""
+def partitioned_wanted(cfg, ds_config: dict, *, scoring_only: bool = False) -> bool:
+    """Whether the trainer builds this run's model partitioned (see the module docstring);
+    `scoring_only` (`gps-ds select`): the training method and mode do not matter."""
     setting = cfg.model.partitioned_init
     if setting == "off":
         return False
     reason = None
     if zero_stage(ds_config) != 3:
         reason = "it needs deepspeed.zero_optimization.stage=3"
-    elif cfg.train.method not in PARTITIONED_METHODS:
+    elif not scoring_only and cfg.train.method not in PARTITIONED_METHODS:
         reason = f"train.method '{cfg.train.method}' wraps layers (supported: {', '.join(PARTITIONED_METHODS)})"
-    elif cfg.train.method == "gps" and cfg.gps.mode != "sparse":
+    elif not scoring_only and cfg.train.method == "gps" and cfg.gps.mode != "sparse":
         reason = "gps.mode 'masked' trains dense weights (use gps.mode=sparse)"
     elif weights_file(cfg) is None:
         reason = "the weights come from no file (set model.checkpoint; a partitioned random init could not be rebuilt)"

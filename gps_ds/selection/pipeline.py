@@ -168,28 +168,39 @@ def run_selection_zero(
 def select_from_config_zero(cfg, out: str, scores_out: str | None = None, show_progress: bool = True) -> dict | None:
     """`deepspeed launchers/select.py`: the selection job on every rank; rank 0 writes the files.
 
-    Returns the summary on rank 0 and None on the other ranks.
+    Under ZeRO-3 with a weights file the model is built as the trainer builds it: partitioned from
+    construction (`gps_ds.zero_init`), so no rank ever holds the whole model; its meta-device twin
+    gives the shapes for the rules, the fingerprint and the mask file. Returns the summary on
+    rank 0 and None on the other ranks.
     """
     from gps_ds.data.loaders import make_score_loader
     from gps_ds.distributed import init_distributed
+    from gps_ds.engine import deepspeed_config
     from gps_ds.models import create_model_from_config
     from gps_ds.selection.zero_scoring import write_selection_rank0
+    from gps_ds.zero_init import build_partitioned, partitioned_wanted, print_report
 
     if scores_out is not None and not needs_data(cfg.gps.scheme):
         raise ValueError(f"--save-scores: gps.scheme '{cfg.gps.scheme}' computes no gradient scores")
     from gps_ds.tasks import build_task
 
     rank, world = init_distributed()
+    ds_config = deepspeed_config(cfg, world)  # the ZeRO config the trainer would use
     task = build_task(cfg)
     seed_everything(cfg.gps.seed)
-    model = create_model_from_config(cfg)
-    roles = classify(model, cfg.model.family, cfg.gps.rules)
+    if partitioned_wanted(cfg, ds_config, scoring_only=True):
+        model, shapes, report = build_partitioned(cfg, ds_config)
+        print_report(report)
+    else:
+        model = shapes = create_model_from_config(cfg)
+    roles = classify(shapes, cfg.model.family, cfg.gps.rules)
     candidates = list(roles.candidates)
     batches = None
-    micro = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 32))
+    micro = int(ds_config["train_micro_batch_size_per_gpu"])
     if needs_data(cfg.gps.scheme):
         from gps_ds.data.transforms import resolve_data
 
+        # The real model, not the twin: a SAM model's normalisation is in its pixel_mean/std buffers.
         batches = make_score_loader(resolve_data(cfg.data, model), rank, world, batch_size_per_rank=micro,
                                     two_view=cfg.gps.loss == "supcon")
     progress = None
@@ -202,12 +213,12 @@ def select_from_config_zero(cfg, out: str, scores_out: str | None = None, show_p
         result = run_selection_zero(model, roles, batches, scheme=cfg.gps.scheme, k=cfg.gps.k, loss=cfg.gps.loss,
                                     temperature=cfg.gps.temperature, seed=cfg.gps.seed,
                                     max_batches=cfg.gps.max_batches, progress=progress,
-                                    ds_config=dict(cfg.deepspeed), gather_scores=scores_out is not None,
+                                    ds_config=ds_config, gather_scores=scores_out is not None,
                                     task_loss=task.task_score_loss())
     finally:
         if progress is not None:
             progress.close()
-    summary = write_selection_rank0(out, result, model, candidates, k=cfg.gps.k, scheme=cfg.gps.scheme,
+    summary = write_selection_rank0(out, result, shapes, candidates, k=cfg.gps.k, scheme=cfg.gps.scheme,
                                     loss=cfg.gps.loss, model_name=cfg.model.name)
     if scores_out is not None and rank == 0:
         save_scores(scores_out, result.scores)
