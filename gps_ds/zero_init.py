@@ -262,6 +262,12 @@ def _timm_droppable(twin: nn.Module, num_classes: int) -> set[str]:
     return {f"{c}.{leaf}" for c in classifiers for leaf in ("weight", "bias")}
 
 
+def tagged_name(m) -> str:
+    """`model.name` with its `model.pretrained` tag, as `create_model_from_config` builds it: the tag's
+    pretrained_cfg gives the normalisation (resolve_data) and the classifier size (_timm_droppable)."""
+    return f"{m.name}.{m.pretrained}" if isinstance(m.pretrained, str) and not m.name.startswith("sam_") else m.name
+
+
 def build_partitioned(cfg, ds_config: dict) -> tuple[nn.Module, nn.Module, LoadReport]:
     """(model partitioned under ZeRO-3 with the file's weights, its meta-device twin, this rank's report)."""
     from gps_ds.models.factory import create_model_from_config
@@ -271,7 +277,7 @@ def build_partitioned(cfg, ds_config: dict) -> tuple[nn.Module, nn.Module, LoadR
     path = weights_file(cfg)
     if path is None or not path.is_file():
         raise ModelError(f"model.checkpoint: file not found: {path}")
-    return build_partitioned_model(m.name, m.num_classes, path, ds_config, seed=cfg.train.seed,
+    return build_partitioned_model(tagged_name(m), m.num_classes, path, ds_config, seed=cfg.train.seed,
                                    drop_path_rate=m.drop_path_rate, img_size=m.img_size, kwargs=m.kwargs,
                                    grad_checkpointing=m.grad_checkpointing)
 

@@ -66,3 +66,20 @@ def test_zero3_select_builds_partitioned(runs):
         assert world == 2 and total == 365_096
         assert local <= total / 2 + 200  # its half, padded
         assert read < 0.55 * total  # only the rows covering its half
+
+
+def test_partitioned_build_keeps_the_pretrained_tag():
+    """A tagged model (`model.pretrained: tv_in1k`) is built partitioned under the tag's pretrained_cfg,
+    as the whole model is: the resolved normalisation (here crop_pct 0.875, not the untagged 0.95)."""
+    from gps_ds.config import validate_config
+    from gps_ds.data.transforms import resolve_data
+    from gps_ds.models import create_model, create_model_from_config
+    from gps_ds.zero_init import tagged_name
+
+    cfg = validate_config({"model": {"name": "resnet50", "pretrained": "tv_in1k", "num_classes": 10},
+                           "data": {"train": "/unused"}})
+    whole = resolve_data(cfg.data, create_model_from_config(cfg, device="meta"))
+    twin = resolve_data(cfg.data, create_model(tagged_name(cfg.model), 10, device="meta"))
+    untagged = resolve_data(cfg.data, create_model("resnet50", 10, device="meta"))
+    assert whole.crop_pct == 0.875 and untagged.crop_pct == 0.95
+    assert twin == whole
