@@ -2,9 +2,9 @@
 does (issue #13, item 1): inside deepspeed.zero.Init, each rank reading only its slices of the file.
 
 Reference: `gps-ds select` in one process (timm loads the whole file, plain scoring) on the same
-config. Cross-entropy scores summed over the whole digits split (24 per step at 1 rank, 12 per rank
-at 2 ranks) do not depend on how the samples are grouped into batches, so both paths give the same
-per-row top-K (as the trainer's 2-rank test; a `gps.max_batches` subset would differ).
+config. Cross-entropy scores summed over a whole epoch of the few-shot digits split (120 samples: 24
+per step at 1 rank, 12 per rank at 2 ranks, none dropped) do not depend on how the samples are grouped
+into batches, so both paths give the same per-row top-K (a `gps.max_batches` subset would differ).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from dist_launch import ROOT, cli_args, launch, nested
+from dist_launch import DEADLINE_S, ROOT, cli_args, launch, nested
 from test_zero_init_dist import write_checkpoint
 
 SELECT = str(ROOT / "launchers" / "select.py")
@@ -33,8 +33,8 @@ def runs(digits, tmp_path_factory):
     # (a new head would be drawn by timm's init in one process, by nn.Linear's under zero.Init).
     ckpt = write_checkpoint(root / "test_vit.safetensors", 1000)
     sets = {"model.name": "test_vit", "model.img_size": 32, "model.num_classes": 1000, "model.checkpoint": str(ckpt),
-            "data.train": str(digits), "data.recipe": "digits", "data.image_size": 32, "data.workers": 0,
-            "gps.k": 2, "gps.loss": "ce", "deepspeed.train_micro_batch_size_per_gpu": 24}
+            "data.train": str(digits), "data.few_shot": 12, "data.recipe": "digits", "data.image_size": 32,
+            "data.workers": 0, "gps.k": 2, "gps.loss": "ce", "deepspeed.train_micro_batch_size_per_gpu": 24}
     cfg = root / "cfg.json"
     cfg.write_text(json.dumps(nested(sets)))
     one, two = root / "one.safetensors", root / "two.safetensors"
@@ -45,11 +45,13 @@ def runs(digits, tmp_path_factory):
     return one, two, (root / "log.txt").read_text()
 
 
+@pytest.mark.slow  # one 2-rank launch (the `runs` fixture) for both tests
+@pytest.mark.timeout(DEADLINE_S + 120)
 def test_zero3_select_mask_equals_one_process(runs):
     from gps_ds.selection.maskfile import load_mask
 
     (a, meta_a), (b, meta_b) = load_mask(runs[0]), load_mask(runs[1])
-    assert int(meta_a["samples"]) == int(meta_b["samples"]) == 1344  # 1347 less a partial batch
+    assert int(meta_a["samples"]) == int(meta_b["samples"]) == 120  # 12 per class: 5 global batches, none dropped
     assert meta_a["fingerprint"] == meta_b["fingerprint"]  # shapes from the meta twin = the whole model's
     assert set(a) == set(b) and len(a) == 25
     for n in a:
@@ -58,6 +60,8 @@ def test_zero3_select_mask_equals_one_process(runs):
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3
 
 
+@pytest.mark.slow  # one 2-rank launch (the `runs` fixture) for both tests
+@pytest.mark.timeout(DEADLINE_S + 120)
 def test_zero3_select_builds_partitioned(runs):
     """Each rank printed the load report: it holds its half and read about half of the file."""
     found = {int(m[1]): tuple(int(v) for v in m.groups()[1:]) for m in REPORT.finditer(runs[2])}
