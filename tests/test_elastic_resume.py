@@ -1,16 +1,21 @@
-"""Elastic resume (issue #13, item 2): a checkpoint written at N ranks continues at M ranks.
+"""Elastic resume (issue #13, item 4): a checkpoint written at N ranks continues at M ranks.
 
-* `tests/dist_scripts/elastic_check.py`: ZeRO-3, sparse mode, Adam; 3 steps at 2 ranks, checkpoint,
-  then 3 more steps at 3 ranks from it; the delta equals one process running all 6 steps on the
-  same global batches (tolerance below).
-* The trainer: a 2-rank ZeRO-3 run's epoch-end checkpoint resumed by `launchers/train.py --resume`
-  at 1 rank finishes the run; refusals (one line, exit 2) for a mid-epoch checkpoint, another
-  global batch and ZeRO stage 0.
+* `tests/dist_scripts/elastic_check.py`, sparse mode, Adam (a decay and a no-decay group), at ZeRO
+  stages 3, 1 and 2 in the same two launches: 3 steps at 2 ranks, an epoch-end checkpoint, then 3
+  more steps at 3 ranks from it; the delta, Adam's moments and step count equal one process
+  running all 6 steps on the same global batches with torch's Adam (tolerances below).
+* The trainer: a 2-rank ZeRO-3 run's epoch-end checkpoint resumed by `gps-ds train --resume` at 1
+  rank (in this process) finishes the run; refusals (one line, exit 2) for a mid-epoch checkpoint,
+  another global batch and ZeRO stage 0; a 2-rank ZeRO-2 AdamW run's checkpoints hold its Adam
+  moments, and the 1-rank resume trains on the whole of the next epoch's stream from its start.
 
-Tolerance: 1e-5 absolute, except the key part of attention's qkv bias. Ranks sum per-sample
-gradients in another order; Adam turns the rounding noise of the key bias's gradient (exactly 0
-in exact arithmetic: softmax is shift-invariant) into steps of up to lr = 1e-2, so that slice is
-only checked to stay within the steps' bound.
+Tolerances. Trained values: 1e-5 absolute, except the key part of attention's qkv bias. Ranks sum
+per-sample gradients in another order; Adam turns the rounding noise of the key bias's gradient
+(exactly 0 in exact arithmetic: softmax is shift-invariant) into steps of up to lr = 1e-2, so that
+slice is only checked to stay within the steps' bound. Adam moments: 1e-4 of the tensor's largest
+entry (measured: under 1e-6; the key bias's noise moments are far below its q/v parts' entries).
+A moment reset or taken from another rank's slice is off by O(1) of that scale. Right after the
+load, every partition must equal the file exactly (it is copied, not computed).
 """
 
 from __future__ import annotations
@@ -68,7 +73,11 @@ def files(tmp_path_factory):
     return SimpleNamespace(tmp=tmp, ckpt=ckpt, selection=sel)
 
 
-def reference_delta(files):
+@pytest.fixture(scope="module")
+def reference(files):
+    """One process, the ordinary model, torch's Adam: all `E.TOTAL` steps on the whole global batches
+    (shared by the ZeRO-3 and the ZeRO 1/2 tests). The trained delta and, by parameter name, the
+    optimizer state."""
     from gps_ds.delta import extract_delta
     from gps_ds.methods import get_method
     from gps_ds.optim import build_optimizer
@@ -81,7 +90,8 @@ def reference_delta(files):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    return extract_delta(model, prepared.whole, None, {})
+    state = {n: opt.state[p] for n, p in model.named_parameters() if p.requires_grad}
+    return SimpleNamespace(delta=extract_delta(model, prepared.whole, None, {}), state=state)
 
 
 def compare(got, ref, lr: float) -> float:
@@ -100,36 +110,59 @@ def compare(got, ref, lr: float) -> float:
     return err
 
 
-def test_two_ranks_checkpoint_continues_at_three_ranks_like_one_process(files):
-    from gps_ds.delta import load_delta
+STAGES = (3, 1, 2)
 
+
+@pytest.fixture(scope="module")
+def elastic_runs(files):
+    """One 2-rank launch (3 steps and an epoch-end checkpoint at each ZeRO stage in turn) and one
+    3-rank launch resuming each; the reports by stage."""
     run, out = files.tmp / "run", files.tmp / "res"
-    common = ["--ckpt", str(files.ckpt), "--selection", str(files.tmp / "selection.safetensors"), "--run", str(run)]
+    common = ["--ckpt", str(files.ckpt), "--selection", str(files.tmp / "selection.safetensors"), "--run", str(run),
+              "--stages", ",".join(map(str, STAGES))]
     launch(2, [str(SCRIPT), "--phase", "first", "--first", "3", *common], files.tmp / "first.txt")
-    assert (run / "checkpoints" / "step00000003" / "trainable_full.safetensors").is_file()
     launch(3, [str(SCRIPT), "--phase", "resume", "--out", str(out), *common], files.tmp / "resume.txt")
-    report = json.loads((out / "report.json").read_text())
+    reports = json.loads((out / "report.json").read_text())
+    assert [r["stage"] for r in reports] == list(STAGES)
+    return SimpleNamespace(run=run, out=out, reports={r["stage"]: r for r in reports})
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_checkpoint_continues_at_three_ranks_like_one_process(files, reference, elastic_runs, stage):
+    """The delta, Adam's moments and step count after 3 steps at 2 ranks + 3 at 3 ranks from the
+    epoch-end checkpoint equal one process's 6 steps (tolerances in the module docstring)."""
+    from safetensors.torch import load_file
+
+    from gps_ds.delta import load_delta
+    from gps_ds.elastic import ELASTIC_FILE, read_meta
+
+    report, out = elastic_runs.reports[stage], elastic_runs.out / f"stage{stage}"
+    assert (elastic_runs.run / f"stage{stage}" / "checkpoints" / "step00000003" / ELASTIC_FILE).is_file()
     assert report["world"] == 3 and report["resumed_at_step"] == 3 and len(report["losses"]) == 3
-    assert report["loaded_max_abs_err"] == 0.0  # every rank's partitions set from the file
-    ref = reference_delta(files)
-    err = compare(load_delta(out / "delta.safetensors"), ref, E.TRAIN["lr"])
+    # every rank's working copy, fp32 master partitions and Adam state partitions set from the file
+    assert report["loaded_max_abs_err"] == {"param": 0.0, "fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    err = compare(load_delta(out / "delta.safetensors"), reference.delta, E.TRAIN["lr"])
     assert err < 1e-5, err
+    final = load_file(str(out / "final.safetensors"))
+    assert set(final) == {f"{k}/{n}" for n in reference.state for k in ("param", "exp_avg", "exp_avg_sq")}
+    for n, st in reference.state.items():
+        assert float(st["step"]) == E.TOTAL
+        for k in ("exp_avg", "exp_avg_sq"):
+            rel = float((final[f"{k}/{n}"] - st[k]).abs().max() / st[k].abs().max().clamp_min(1e-30))
+            assert rel < 1e-4, (n, k, rel)
+    assert read_meta(out / "final.safetensors")["steps"] == [float(E.TOTAL)]  # every group's Adam step count
 
 
 # -- the trainer -----------------------------------------------------------------------------------
 
-def _env():
-    from dist_launch import clean_env
+def _train_one_rank(sets: dict, capfd) -> tuple[int, str]:
+    """`gps-ds train --resume` at 1 rank in this process (no interpreter and DeepSpeed start per
+    call): (exit code, stderr)."""
+    from gps_ds.cli import run
 
-    return dict(clean_env(), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-
-
-def _train_one_rank(sets: dict, *extra: str):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "gps_ds.cli", "train", *cli_args(sets), "--resume", "--quiet", *extra],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=DEADLINE_S)
+    capfd.readouterr()
+    code = run(["train", *cli_args(sets), "--resume", "--quiet"])
+    return code, capfd.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +189,11 @@ def _cut_at(run: SimpleNamespace, tag: str, dest: Path) -> dict:
     return dict(run.sets, **{"output.dir": str(dest), "deepspeed.train_micro_batch_size_per_gpu": 24})
 
 
-def test_trainer_resumes_an_epoch_end_checkpoint_of_two_ranks_at_one_rank(two_rank_run, tmp_path):
+def test_trainer_resumes_an_epoch_end_checkpoint_of_two_ranks_at_one_rank(two_rank_run, tmp_path, capfd):
     sets = _cut_at(two_rank_run, "step00000004", tmp_path / "cut")
-    proc = _train_one_rank(sets)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from" in proc.stderr and "(epoch 1, batch 0, step 4)" in proc.stderr
+    code, err = _train_one_rank(sets, capfd)
+    assert code == 0, err[-3000:]
+    assert "resuming from" in err and "(epoch 1, batch 0, step 4)" in err
     final = json.loads((tmp_path / "cut" / "checkpoints" / "step00000008" / "gps_state.json").read_text())
     assert final["state"]["epoch"] == 2 and final["state"]["step"] == 8  # epoch 1's 4 steps, at 1 rank
     assert final["identity"]["world_size"] == 1
@@ -174,21 +207,30 @@ def test_trainer_resumes_an_epoch_end_checkpoint_of_two_ranks_at_one_rank(two_ra
     ("step00000004", {"deepspeed.train_micro_batch_size_per_gpu": 12}, "the global batch was 24, it is 12 now"),
     ("step00000004", {"deepspeed.zero_optimization.stage": 0}, "ZeRO stage 0"),
 ])
-def test_trainer_refuses_what_cannot_resume_exactly_at_another_world_size(two_rank_run, tmp_path, tag, change, message):
+def test_trainer_refuses_what_cannot_resume_exactly_at_another_world_size(two_rank_run, tmp_path, capfd, tag, change,
+                                                                         message):
     sets = dict(_cut_at(two_rank_run, tag, tmp_path / "cut"), **change)
-    proc = _train_one_rank(sets)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
+    code, err = _train_one_rank(sets, capfd)  # an exception would escape run() here
+    assert code == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
     assert "world_size 2 in the checkpoint, 1 now" in last and message in last, last
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
 
 
-def test_zero2_checkpoint_of_two_ranks_resumes_at_one_rank(digits, tmp_path):
+def test_zero2_checkpoint_of_two_ranks_resumes_at_one_rank(digits, tmp_path, monkeypatch, capfd):
     """ZeRO-2, sparse, AdamW with a decay and a no-decay group: the elastic state is written at
     every checkpoint (the first one failed, "exp_avg not found in optimizer state fragment",
-    before elastic._relink_optimizer_state) and an epoch-end checkpoint resumes at 1 rank with the
-    saved Adam state (a fresh state would make the first resumed steps full-size lr steps)."""
+    before elastic._relink_optimizer_state) and an epoch-end checkpoint resumes at 1 rank (here in
+    this process) with the saved Adam state (a fresh state would make the first resumed steps
+    full-size lr steps). Its data stream: the whole of epoch 1 at 1 rank, from its first batch,
+    as a fresh 1-rank loader yields it (digits has no random augmentation), so no sample of the
+    epoch is repeated or skipped."""
     from safetensors import safe_open
+
+    from dist_launch import nested
+    from gps_ds.config import validate_config
+    from gps_ds.data.loaders import Loader, make_train_loader
+    from gps_ds.data.train_stream import TrainStream
 
     sets = digits_trainer_settings(digits, tmp_path / "run", **{
         "data.steps_per_epoch": 2, "gps.k": 2, "gps.loss": "ce", "gps.max_batches": 2, "train.epochs": 2,
@@ -204,8 +246,25 @@ def test_zero2_checkpoint_of_two_ranks_resumes_at_one_rank(digits, tmp_path):
     cut = dict(sets, **{"deepspeed.train_micro_batch_size_per_gpu": 24})
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step00000004")
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step00000002")
-    proc = _train_one_rank(cut)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(epoch 1, batch 0, step 2)" in proc.stderr
+
+    trained_on, raw = [], Loader.raw
+
+    def recording(self):
+        for batch in raw(self):
+            if isinstance(self.dataset, TrainStream):
+                trained_on.append(batch)
+            yield batch
+
+    monkeypatch.setattr(Loader, "raw", recording)
+    code, err = _train_one_rank(cut, capfd)
+    assert code == 0, err[-3000:]
+    assert "(epoch 1, batch 0, step 2)" in err
     final = json.loads((tmp_path / "run" / "checkpoints" / "step00000004" / "gps_state.json").read_text())
     assert final["state"]["step"] == 4 and final["identity"]["world_size"] == 1
+    monkeypatch.undo()
+    fresh = make_train_loader(validate_config(nested(cut)).data, 0, 1, batch_size_per_rank=24)
+    fresh.set_epoch(1)
+    expected = list(fresh.raw())
+    assert len(trained_on) == len(expected) == 2
+    same = [torch.equal(x, x_ref) and torch.equal(y, y_ref) for (x, y), (x_ref, y_ref) in zip(trained_on, expected)]
+    assert same == [True, True], "the resumed run's batches are not epoch 1's at 1 rank"
