@@ -10,6 +10,7 @@ import sys
 from typing import Callable, Sequence
 
 EXIT_USER_ERROR = 2
+EXIT_OUT_OF_MEMORY = 3
 # Commands that import DeepSpeed run with stdout sent to stderr (DeepSpeed prints banners and
 # logs there); their result is written with emit() to the real stdout, so --json stays one object.
 _RESULT_STREAM = sys.stdout
@@ -288,6 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def out_of_memory_line(err: BaseException) -> str | None:
+    """One line for an allocation that failed (host or accelerator memory); None for other errors."""
+    import torch
+
+    text = str(err).strip()
+    oom = isinstance(err, (MemoryError, torch.OutOfMemoryError)) or any(
+        s in text for s in ("can't allocate memory", "out of memory", "std::bad_alloc", "Cannot allocate memory"))
+    if not oom:
+        return None
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    first = text.splitlines()[0] if text else type(err).__name__
+    first = first.split("DefaultCPUAllocator: ")[-1][:400]
+    return (f"out of memory on rank {rank} of {world} ({first}): under ZeRO-3 each of N ranks holds 1/N of the "
+            f"parameters (docs/distributed.md, 'Which sizes fit'): run on more ranks, offload them to the host "
+            f"(deepspeed.zero_optimization.offload_param), or lower deepspeed.train_micro_batch_size_per_gpu")
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a user mistake or a run that cannot go on (NaN loss): printed as one
     line, never as a traceback."""
@@ -324,6 +342,12 @@ def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.Argume
     except KeyboardInterrupt:
         print("gps-ds: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as err:
+        line = out_of_memory_line(err)
+        if line is None or os.environ.get("GPS_DS_DEBUG"):
+            raise
+        print(f"gps-ds {args.command}: error: {line}", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
 
 
 def _exit(code: int) -> None:

@@ -279,12 +279,21 @@ def build_partitioned(cfg, ds_config: dict) -> tuple[nn.Module, nn.Module, LoadR
         raise ModelError(f"model.checkpoint: file not found: {path}")
     return build_partitioned_model(tagged_name(m), m.num_classes, path, ds_config, seed=cfg.train.seed,
                                    drop_path_rate=m.drop_path_rate, img_size=m.img_size, kwargs=m.kwargs,
-                                   grad_checkpointing=m.grad_checkpointing)
+                                   grad_checkpointing=m.grad_checkpointing, scoring=_will_score(cfg))
+
+
+def _will_score(cfg) -> bool:
+    """Whether a scoring pass (a gradient partition next to every weight partition) follows the build."""
+    from gps_ds.methods import get_method
+    from gps_ds.selection.pipeline import needs_data
+
+    return (cfg.gps.mask is None and needs_data(cfg.gps.scheme)
+            and get_method(cfg.train.method, cfg.train.method_options).needs_selection)
 
 
 def build_partitioned_model(name: str, num_classes: int, path: Path, ds_config: dict, *, seed: int = 0,
                             drop_path_rate: float = 0.0, img_size: int | None = None,
-                            kwargs: dict | None = None, grad_checkpointing: bool = False
+                            kwargs: dict | None = None, grad_checkpointing: bool = False, scoring: bool = False
                             ) -> tuple[nn.Module, nn.Module, LoadReport]:
     """`gps_ds.models.create_model(name, ...)` built inside deepspeed.zero.Init, its partitions filled
     from the weights file `path`; with its meta-device twin and this rank's load report."""
@@ -294,6 +303,12 @@ def build_partitioned_model(name: str, num_classes: int, path: Path, ds_config: 
 
     build = dict(drop_path_rate=drop_path_rate, img_size=img_size, kwargs=kwargs, grad_checkpointing=grad_checkpointing)
     twin = create_model(name, num_classes, device="meta", **build)
+    from gps_ds.distributed import accelerator_device
+    from gps_ds.memory_limits import check_parameters_fit
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_parameters_fit(sum(p.numel() * p.element_size() for p in twin.parameters()), world, True, model=name,
+                         device=accelerator_device(), scoring=scoring)
     torch.manual_seed(seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = create_model(name, num_classes, **build)

@@ -86,6 +86,7 @@ keeps a whole fp32 gradient buffer); fp16 (loss scaling, overflow skips) is refu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -314,6 +315,39 @@ def _shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(d) for d in (s if s is not None else p.shape))
 
 
+@contextlib.contextmanager
+def _fp32_master_shares_weights():
+    """ZeRO-3 without an fp32 master copy of fp32 weights, as DeepSpeed intends.
+
+    DeepSpeed 0.19's stage 3 skips the master copy when the flat partition already has the master
+    dtype and ``flat.device == self.device``; ``self.device`` is a string ('cpu', 'cuda:0') and a
+    torch.device never equals a string, so it always clones: one more fp32 copy of every
+    candidate's partition (a third of a rank's scoring memory, measured). The scoring engine never
+    steps, so sharing the weights' storage is safe; this compares devices as devices while the
+    engine is built."""
+    try:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+    except ImportError:  # pragma: no cover - DeepSpeed without stage 3
+        yield
+        return
+    original = Stage3._create_fp32_partitions
+
+    def create(self, *args, **kwargs):
+        device = self.device
+        if isinstance(device, str):
+            self.device = torch.device(device)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self.device = device
+
+    Stage3._create_fp32_partitions = create
+    try:
+        yield
+    finally:
+        Stage3._create_fp32_partitions = original
+
+
 def build_scoring_engine(model: nn.Module, loss_fn: ScoreLoss, candidates: Sequence[str],
                          ds_config: Mapping[str, Any] | None = None, *, micro_batch_size: int | None = None,
                          precision: str = "fp32"):
@@ -337,8 +371,9 @@ def build_scoring_engine(model: nn.Module, loss_fn: ScoreLoss, candidates: Seque
     trainable = [params[n] for n in candidates]
     optimizer = torch.optim.SGD(trainable, lr=0.0, momentum=0.0, weight_decay=0.0)
     try:
-        engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, model_parameters=trainable,
-                                               config=cfg)
+        with _fp32_master_shares_weights():
+            engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, model_parameters=trainable,
+                                                   config=cfg)
     except BaseException:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
@@ -357,10 +392,21 @@ def release_scoring_engine(engine) -> None:
     """
     saved = getattr(engine, "gps_saved_requires_grad", None)
     model = engine.module.model if isinstance(engine.module, ScoringModule) else engine.module
+    optimizer = getattr(engine, "optimizer", None)
     if hasattr(engine, "destroy"):
         engine.destroy()
     for p in model.parameters():
         p.grad = None
+        # ZeRO-3 points every parameter it optimizes at its optimizer (deepspeed.utils.safe_get_*);
+        # for the frozen weights that pointer would outlive the scoring engine.
+        if optimizer is not None and getattr(p, "_z3_optimizer", None) is optimizer:
+            del p._z3_optimizer
+    # DeepSpeed's module hooks and autograd-function classes keep the engine reachable after
+    # destroy(); its ZeRO-3 gradient partitions (4 bytes per candidate entry / world) are freed here,
+    # since the engine is never used again. The weights live in another buffer (lp_param_buffer).
+    grads = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if isinstance(grads, torch.Tensor):
+        grads.untyped_storage().resize_(0)
     if saved:
         for n, p in model.named_parameters():
             if n in saved:
