@@ -2,8 +2,8 @@
 
 Each launch (`deepspeed --num_gpus N tests/dist_scripts/zero_scoring_check.py`) loops over
 ZeRO stages in one process per rank and writes a JSON report; the tests below assert on it.
-Two launches in all (2 ranks: stages 0-3, SupCon, engine reuse; 3 ranks: stages 0-3) plus
-one of `launchers/select.py`.
+Two launches in all (2 ranks: stages 0-3, SupCon, engine reuse; 3 ranks: stages 0-3);
+`launchers/select.py` under ZeRO-3 is tested against one process in tests/test_select_partitioned.py.
 
 "Equal to the single-process mask" is asserted on every row: a row may differ only where the
 single-process scores tie at the K-th value within 2e-5 of the tensor's largest score (the
@@ -127,32 +127,3 @@ def test_released_zero3_model_trains(report2):
 def test_three_ranks_match_single_process(report3, stage):
     check_stage(report3["stages"][stage], 3)
     check_no_optimizer_state(report3["stages"][stage])
-
-
-def test_select_launcher_two_ranks_zero3(tmp_path):
-    """`deepspeed --num_gpus 2 launchers/select.py` writes one mask that fits the model."""
-    import torch
-
-    from gps_ds.data import synthetic as syn
-    from gps_ds.models import create_model
-    from gps_ds.selection.maskfile import check_fits, load_mask
-
-    syn.make_shards(tmp_path / "train", [10, 6], classes=3, size=(20, 20))
-    mask = tmp_path / "mask.safetensors"
-    sets = ["model.name=test_vit", "model.num_classes=3", "model.img_size=32", "data.image_size=32",
-            f"data.train={tmp_path / 'train'}/shard-{{000000..000001}}.tar", "data.num_classes=3", "data.workers=0",
-            "data.train_size=16", "gps.loss=ce", "gps.k=2", "deepspeed.train_micro_batch_size_per_gpu=4",
-            "deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
-    args = [str(ROOT / "launchers" / "select.py"), "--out", str(mask), "--json", "--quiet"]
-    for s in sets:
-        args += ["--set", s]
-    launch(2, args, tmp_path / "log.txt")
-    selection, meta = load_mask(mask)
-    model = create_model("test_vit", 3, img_size=32)
-    check_fits(selection, model)
-    assert meta["k"] == 2 and meta["scheme"] == "gps" and meta["samples"] == 16
-    for idx in selection.values():
-        assert idx.shape[1] == 2 and bool((idx[:, 1:] > idx[:, :-1]).all())
-    summary = json.loads([ln for ln in (tmp_path / "log.txt").read_text().splitlines() if ln.startswith('{"out"')][-1])
-    assert summary["world_size"] == 2 and summary["zero_stage"] == 3
-    assert torch.is_tensor(next(iter(selection.values())))
