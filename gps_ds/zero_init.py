@@ -307,8 +307,11 @@ def build_partitioned_model(name: str, num_classes: int, path: Path, ds_config: 
     from gps_ds.memory_limits import check_parameters_fit
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    check_parameters_fit(sum(p.numel() * p.element_size() for p in twin.parameters()), world, True, model=name,
-                         device=accelerator_device(), scoring=scoring)
+    half = any((ds_config.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16"))  # zero.Init casts
+    offload = ((ds_config.get("zero_optimization") or {}).get("offload_param") or {}).get("device", "none")
+    check_parameters_fit(sum(p.numel() * (2 if half else p.element_size()) for p in twin.parameters()), world, True,
+                         model=name, device=None if offload in ("cpu", "nvme") else accelerator_device(),
+                         scoring=scoring)
     torch.manual_seed(seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = create_model(name, num_classes, **build)

@@ -71,3 +71,30 @@ def test_out_of_memory_is_one_line(err, kind, monkeypatch):
 
 def test_other_runtime_errors_are_not_memory():
     assert out_of_memory_line(RuntimeError("shape mismatch")) is None
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("ds_config, bytes_per_entry, on_device", [
+    ({"zero_optimization": {"stage": 3}}, 4, True),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}, 2, True),  # zero.Init casts to bf16
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, 4, False),  # the share lives on the host
+])
+def test_partitioned_build_checks_the_share_it_will_hold(ds_config, bytes_per_entry, on_device, monkeypatch, tmp_path):
+    from gps_ds.models import create_model
+    from gps_ds.zero_init import build_partitioned_model
+
+    seen = {}
+
+    def check(param_bytes, world, partitioned, *, model, device=None, scoring=False):
+        seen.update(param_bytes=param_bytes, world=world, device=device, scoring=scoring)
+        raise _Stop  # before zero.Init: only the arguments matter here
+
+    monkeypatch.setattr(ml, "check_parameters_fit", check)
+    with pytest.raises(_Stop):
+        build_partitioned_model("test_vit", 10, tmp_path / "unused.safetensors", ds_config, img_size=32, scoring=True)
+    numel = sum(p.numel() for p in create_model("test_vit", 10, img_size=32, device="meta").parameters())
+    assert seen["param_bytes"] == numel * bytes_per_entry and seen["world"] == 1 and seen["scoring"]
+    assert (seen["device"] is not None) == on_device
