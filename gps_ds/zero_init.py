@@ -268,8 +268,9 @@ def tagged_name(m) -> str:
     return f"{m.name}.{m.pretrained}" if isinstance(m.pretrained, str) and not m.name.startswith("sam_") else m.name
 
 
-def build_partitioned(cfg, ds_config: dict) -> tuple[nn.Module, nn.Module, LoadReport]:
-    """(model partitioned under ZeRO-3 with the file's weights, its meta-device twin, this rank's report)."""
+def build_partitioned(cfg, ds_config: dict, *, scoring: bool | None = None) -> tuple[nn.Module, nn.Module, LoadReport]:
+    """(model partitioned under ZeRO-3 with the file's weights, its meta-device twin, this rank's report);
+    `scoring`: whether a scoring pass follows (default: what the training config implies)."""
     from gps_ds.models.factory import create_model_from_config
 
     create_model_from_config(cfg, device="meta")  # settles model.num_classes from the data when unset
@@ -279,7 +280,8 @@ def build_partitioned(cfg, ds_config: dict) -> tuple[nn.Module, nn.Module, LoadR
         raise ModelError(f"model.checkpoint: file not found: {path}")
     return build_partitioned_model(tagged_name(m), m.num_classes, path, ds_config, seed=cfg.train.seed,
                                    drop_path_rate=m.drop_path_rate, img_size=m.img_size, kwargs=m.kwargs,
-                                   grad_checkpointing=m.grad_checkpointing, scoring=_will_score(cfg))
+                                   grad_checkpointing=m.grad_checkpointing,
+                                   scoring=_will_score(cfg) if scoring is None else scoring)
 
 
 def _will_score(cfg) -> bool:

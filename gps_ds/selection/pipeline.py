@@ -189,7 +189,7 @@ def select_from_config_zero(cfg, out: str, scores_out: str | None = None, show_p
     task = build_task(cfg)
     seed_everything(cfg.gps.seed)
     if partitioned_wanted(cfg, ds_config, scoring_only=True):
-        model, shapes, report = build_partitioned(cfg, ds_config)
+        model, shapes, report = build_partitioned(cfg, ds_config, scoring=needs_data(cfg.gps.scheme))
         print_report(report)
     else:
         model = shapes = create_model_from_config(cfg)
