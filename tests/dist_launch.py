@@ -29,10 +29,12 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
-def launch(world: int, args: list[str], log: Path) -> None:
-    """Run `deepspeed --num_gpus world ARGS` with a deadline; the whole process group dies on timeout."""
+def launch(world: int, args: list[str], log: Path, *, env_extra: dict[str, str] | None = None,
+           check: bool = True) -> int:
+    """Run `deepspeed --num_gpus world ARGS` with a deadline; the whole process group dies on timeout.
+    A non-zero exit fails the test unless `check` is False; the exit status is returned."""
     env = dict(clean_env(), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               GPS_DS_COLLECTIVE_TIMEOUT="300")
+               GPS_DS_COLLECTIVE_TIMEOUT="300", **(env_extra or {}))
     port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
            "--master_port", str(port), *args]
@@ -44,10 +46,11 @@ def launch(world: int, args: list[str], log: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             pytest.fail(f"deepspeed --num_gpus {world} did not finish in {DEADLINE_S} s (hang?); log: {log}")
-    if rc != 0:
+    if rc != 0 and check:
         pytest.fail(f"deepspeed --num_gpus {world} exited with {rc}:\n{log.read_text()[-4000:]}")
     left = shm_segments_of(port)
     assert not left, f"DeepSpeed shared-memory segments left in /dev/shm: {left}"
+    return rc
 
 
 def shm_segments_of(port: int) -> list[str]:

@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dist_launch import DEADLINE_S, ROOT, cli_args, clean_env, digits_trainer_settings, free_port
+from dist_launch import DEADLINE_S, ROOT, cli_args, digits_trainer_settings, launch
 
 MODEL, IMG, CLASSES = "vit_so150m_patch16_reg4_gap_256", 32, 10
 BUDGET_MB = 650
@@ -108,20 +105,10 @@ def _run(world: int, files, cgroup: Path, out: Path) -> tuple[int, str]:
         "deepspeed.zero_optimization.stage3_prefetch_bucket_size": 2_000_000,
         "deepspeed.zero_optimization.reduce_bucket_size": 2_000_000,
         "deepspeed.zero_optimization.stage3_max_reuse_distance": 0})
-    env = dict(clean_env(), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               GPS_DS_COLLECTIVE_TIMEOUT="300", GPS_DS_TEST_MODEL_BUDGET_MB=str(BUDGET_MB), GPS_DS_TEST_CGROUP=str(group),
-               MALLOC_MMAP_THRESHOLD_="131072")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port",
-           str(free_port()), str(SCRIPT), *cli_args(sets)]
     log = out.parent / f"{out.name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"{world} rank(s) did not finish in {DEADLINE_S} s; log: {log}")
+    rc = launch(world, [str(SCRIPT), *cli_args(sets)], log, check=False,
+                env_extra={"GPS_DS_TEST_MODEL_BUDGET_MB": str(BUDGET_MB), "GPS_DS_TEST_CGROUP": str(group),
+                           "MALLOC_MMAP_THRESHOLD_": "131072"})
     for child in group.glob("rank*"):
         child.rmdir()
     group.rmdir()
