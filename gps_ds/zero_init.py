@@ -311,9 +311,20 @@ def build_partitioned_model(name: str, num_classes: int, path: Path, ds_config: 
     world = dist.get_world_size() if dist.is_initialized() else 1
     half = any((ds_config.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16"))  # zero.Init casts
     offload = ((ds_config.get("zero_optimization") or {}).get("offload_param") or {}).get("device", "none")
-    check_parameters_fit(sum(p.numel() * (2 if half else p.element_size()) for p in twin.parameters()), world, True,
-                         model=name, device=None if offload in ("cpu", "nvme") else accelerator_device(),
-                         scoring=scoring)
+    device = accelerator_device()
+    refusal = None
+    try:
+        check_parameters_fit(sum(p.numel() * (2 if half else p.element_size()) for p in twin.parameters()), world,
+                             True, model=name, device=None if offload in ("cpu", "nvme") else device, scoring=scoring)
+    except MemoryError as err:
+        refusal = err
+    if world > 1:  # every rank stops together (the others would wait in zero.Init's collectives)
+        flag = torch.tensor([0 if refusal else 1], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if refusal is None and int(flag.item()) == 0:
+            refusal = MemoryError(f"model.name '{name}': another rank's share of the parameters does not fit its memory")
+    if refusal is not None:
+        raise refusal
     torch.manual_seed(seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = create_model(name, num_classes, **build)
